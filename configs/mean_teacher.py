@@ -1,0 +1,76 @@
+r"""Mean Teacher (Tarvainen & Valpola 2017).
+
+Run:
+  python launch.py --config=configs/mean_teacher.py --workdir=runs/mean_teacher
+
+The default trains the small CNN on `digits` with 5 labels per class (50
+labeled images, the other 1,297 training images unlabeled) for 3,000 steps;
+the teacher should end above the supervised baseline trained on the same 50
+labels (configs/supervised.py:labels_per_class=5).
+
+Presets (config string):
+  configs/mean_teacher.py:dataset=fashion_mnist,labels_per_class=10
+  configs/mean_teacher.py:dataset=stl10,labels_per_class=64,model=resnet152
+    the report's recipe: SGD Nesterov 0.9, lr 0.02, weight decay 1e-4, cosine
+    annealing, EMA 0.999, KL consistency, logit distance 0.01, 90 epochs.
+  configs/mean_teacher.py:dataset=cifar10,labels_per_class=100,model=convlarge
+    the paper's CIFAR-10 recipe: batch 100 with 50 labeled, MSE consistency
+    weight 100 ramped up over 5 epochs, logit distance 0.01, EMA 0.99 (0.97
+    from 400 labels per class up).
+"""
+
+from sslj import configlib
+
+
+def get_config(arg=None):
+  args = configlib.parse_arg(arg, labels_per_class='5')
+  config = configlib.base_config('mean_teacher', args)
+  config.num_steps = 3000
+  config.batch_size = 128
+  config.log_every = 100
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  config.optimizer.learning_rate = 0.05
+
+  config.mean_teacher = dict(
+      labeled_batch_size=32,     # the rest of batch_size is unlabeled
+      ema_decay=0.99,
+      consistency='mse',         # 'mse' (softmax MSE / K) or 'kl'
+      consistency_weight=30.0,
+      rampup_epochs=30.0,        # sigmoid ramp-up of the consistency weight
+      logit_distance_cost=0.01,  # > 0: two heads tied by this cost (dual output)
+  )
+
+  if args.dataset == 'fashion_mnist':
+    config.num_steps = 6000
+    config.eval_batch_size = 1000
+    config.eval_every = 1000
+    config.checkpoint_every = 1000
+    config.mean_teacher.rampup_epochs = 5.0
+
+  if args.dataset == 'stl10' or args.dataset.startswith('image_folder'):
+    # The report's recipe.
+    config.num_epochs = 90.0
+    config.batch_size = 64
+    config.mean_teacher.labeled_batch_size = 16
+    config.optimizer.update(learning_rate=0.02, momentum=0.9, nesterov=True,
+                            weight_decay=1e-4, schedule='cosine')
+    config.mean_teacher.update(ema_decay=0.999, consistency='kl', consistency_weight=1.0,
+                               rampup_epochs=5.0, logit_distance_cost=0.01)
+    config.augment.rotate_deg = 10.0
+    if args.model == 'resnet152':
+      config.augment.out_size = 224
+
+  if args.dataset == 'cifar10':
+    # The paper's CIFAR-10 recipe (ConvLarge, the 13-layer CNN).
+    config.num_epochs = 180.0
+    config.batch_size = 100
+    config.mean_teacher.labeled_batch_size = 50
+    config.optimizer.update(learning_rate=0.05, weight_decay=2e-4, nesterov=True)
+    budget = args.labels_per_class
+    config.mean_teacher.update(
+        ema_decay=0.97 if budget is None or budget >= 400 else 0.99,
+        consistency='mse', consistency_weight=100.0, rampup_epochs=5.0,
+        logit_distance_cost=0.01)
+  config.lock()
+  return config

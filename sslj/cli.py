@@ -1,0 +1,77 @@
+"""What `launch.py` does, kept out of it so the entry point has no logic.
+
+Bad input ends the program with one line on stderr and exit status 2, never a
+traceback, and before anything is compiled or written.
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import sys
+
+from absl import flags, logging
+
+from sslj.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with its errors (and the config's) as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, UserError):
+      fail(str(cause))
+    fail(_one_line(str(e)))
+  except UserError as e:
+    fail(str(e))
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    # ml_collections reports a misspelt or mistyped `--config.x=y` this way.
+    if isinstance(e, KeyError) and e.args:
+      name, _, hint = str(e.args[0]).partition('\n')
+      fail(f'bad config override: the config has no field {name}. '
+           f'{hint or "See the config file for the fields that exist."}')
+    fail('bad config override: ' + ' '.join(str(e).split()))
+
+
+def _one_line(text: str) -> str:
+  lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
+  return lines[-1] if lines else text
+
+
+class _OnlyOurInfo(pylogging.Filter):
+  """Keeps INFO lines of sslj; libraries (Orbax logs every save) speak at WARNING."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or '/sslj/' in record.pathname.replace(os.sep, '/')
+
+
+def run(*, config, workdir, mode, coordinator_address=None, num_processes=None,
+        process_id=None) -> int:
+  if config is None or not workdir:
+    fail('--config and --workdir are required, e.g. --config=configs/supervised.py --workdir=runs/x')
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_OnlyOurInfo())
+  try:
+    from sslj import parallel, train
+    parallel.initialize_distributed(coordinator_address, num_processes, process_id)
+    if mode == 'train':
+      results = train.train_and_evaluate(config, os.path.abspath(workdir))
+      if results is None:
+        print('Stopped early on SIGTERM after saving a checkpoint; run the same command to resume.',
+              file=sys.stderr)
+      else:
+        print(f"{results['method']} on {results['dataset']}: top-1 {results['top1']:.2f}%, "
+              f"top-5 {results['top5']:.2f}% in {results['wall_s']:.0f} s "
+              f"({os.path.join(workdir, 'results.json')})")
+    return 0
+  except UserError as e:
+    fail(str(e))

@@ -1,0 +1,111 @@
+"""Pieces every `configs/<method>.py` shares: the config string and the base config.
+
+A config file's `get_config(arg)` takes the config string
+(`configs/x.py:dataset=fashion_mnist,labels_per_class=10`), builds a locked
+`ml_collections.ConfigDict`, and returns it. Values that follow from others
+(steps from epochs, schedules, the labeled/unlabeled split of a batch) are
+computed in code, so command-line overrides never leave them stale.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from sslj.errors import UserError
+
+# Config-string keys every config accepts, with their defaults.
+COMMON_ARGS = {'dataset': 'digits', 'labels_per_class': 'all', 'model': 'small_cnn',
+               'seed': '0'}
+
+
+def parse_arg(arg: str | None, **extra_defaults) -> ml_collections.ConfigDict:
+  """Parses `key=value,key=value` into a ConfigDict of strings and ints.
+
+  `labels_per_class=all` becomes None (every label). Unknown keys are an error
+  that lists the known ones.
+  """
+  defaults = dict(COMMON_ARGS, **extra_defaults)
+  values = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    key = key.strip()
+    if not sep or key not in defaults:
+      raise UserError(f"config string item '{item}' is not key=value with a key in "
+                      f"{sorted(defaults)}; e.g. configs/x.py:dataset=fashion_mnist,labels_per_class=10.")
+    values[key] = value.strip()
+  args = ml_collections.ConfigDict()
+  for key, value in values.items():
+    if key == 'labels_per_class':
+      args[key] = None if value == 'all' else _to_int(key, value)
+    elif key == 'seed':
+      args[key] = _to_int(key, value)
+    else:
+      args[key] = value
+  return args
+
+
+def _to_int(key, value):
+  try:
+    return int(value)
+  except ValueError:
+    raise UserError(f"config string {key}='{value}' is not an integer.") from None
+
+
+def augment_for(dataset: str) -> ml_collections.ConfigDict:
+  """Default training augmentation for a dataset (fields of `AugmentSpec`).
+
+  Digits are never flipped (a flipped 2 is not a 2); small images get a few
+  pixels of pad-and-crop translation; natural images get flips and crops.
+  """
+  aug = ml_collections.ConfigDict(dict(
+      flip=False, rotate_deg=0.0, translate=0.0, scale=(1.0, 1.0),
+      crop_scale=config_dict.placeholder(tuple), crop_ratio=(3 / 4, 4 / 3),
+      brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
+      out_size=config_dict.placeholder(int), pad_crop=0))
+  if dataset == 'digits':
+    aug.pad_crop = 1
+  elif dataset == 'fashion_mnist':
+    aug.flip = True
+    aug.pad_crop = 2
+  elif dataset in ('cifar10', 'stl10') or dataset.startswith(('image_folder', 'tfds:')):
+    aug.flip = True
+    aug.pad_crop = 4 if dataset == 'cifar10' else 12
+  return aug
+
+
+def base_config(method: str, args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The fields every method has; method configs add theirs and then lock."""
+  c = ml_collections.ConfigDict()
+  c.method = method
+  c.seed = args.seed
+  c.num_steps = 1000           # optimizer steps of the main phase
+  c.num_epochs = 0.0           # if > 0, num_steps is derived from it in code
+  c.batch_size = 64            # global batch, over all devices
+  c.eval_batch_size = 500
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = args.dataset
+  c.data.labels_per_class = config_dict.placeholder(int)
+  c.data.labels_per_class = args.labels_per_class
+  c.data.fold = config_dict.placeholder(int)      # STL-10's official folds 0-9
+  c.data.data_dir = config_dict.placeholder(str)  # tfds data dir (default ~/tensorflow_datasets)
+  c.data.manual_dir = config_dict.placeholder(str)
+  c.data.image_size = config_dict.placeholder(int)  # image_folder only
+  c.data.unlabeled_from_train = True
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = args.model
+  c.model.dtype = 'float32'  # compute dtype; parameters stay float32
+
+  c.augment = augment_for(args.dataset)
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name='sgd', learning_rate=0.05, momentum=0.9, nesterov=True,
+      weight_decay=5e-4, schedule='cosine', warmup_steps=0, b1=0.9, b2=0.999))
+
+  c.log_every = 100
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  return c

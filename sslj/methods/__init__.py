@@ -1,0 +1,17 @@
+"""One module per method; `get(name)` imports the one a config names."""
+
+import importlib
+
+from sslj.errors import UserError
+
+# method name -> module under sslj.methods
+METHODS = {
+    'supervised': 'supervised',
+    'mean_teacher': 'mean_teacher',
+}
+
+
+def get(name: str):
+  if name not in METHODS:
+    raise UserError(f"method '{name}' is unknown; known methods: {', '.join(sorted(METHODS))}.")
+  return importlib.import_module(f'sslj.methods.{METHODS[name]}')

@@ -1,0 +1,166 @@
+"""Mean Teacher: a student trained to agree with its weight-averaged teacher.
+
+Each step the same images go through the student and the teacher under
+independent augmentation (and dropout) noise. The loss is cross-entropy on
+the labeled images plus a ramped-up consistency cost between the student's
+and the teacher's predictions on every image, labeled or not; the teacher's
+output is a constant target (`stop_gradient`). After the optimizer step the
+teacher's parameters become an exponential moving average of the student's.
+
+BatchNorm: as in the original code, only *parameters* are averaged. The
+teacher's running statistics come from its own forward passes in training
+mode on the teacher's view of each batch, so they describe the teacher's
+activations, not the student's. (Averaging the student's statistics instead
+gives statistics that belong to neither network.)
+
+With `logit_distance_cost > 0` the network has two heads (the paper's
+"dual output"): the classification head is trained on the labels, the
+consistency head on the teacher's target, and a cost ties the two.
+
+Departures from the paper: the class loss is averaged over the labeled images
+of the batch (the released code sums it and divides by the whole batch,
+which only rescales it by the labeled fraction); the ramp-up is driven by
+the step count as a fraction of an epoch, as the code does per iteration.
+
+References: Tarvainen & Valpola 2017, "Mean teachers are better role models:
+weight-averaged consistency targets improve semi-supervised deep learning
+results".
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from sslj.data import augment
+from sslj.errors import UserError
+from sslj.methods import base, network
+from sslj.ops import consistency, ema, optim
+
+_COSTS = {'mse': consistency.softmax_mse, 'kl': consistency.softmax_kl}
+
+
+class MeanTeacherState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any                # the student
+  batch_stats: Any
+  opt_state: Any
+  teacher: ema.EmaState      # teacher parameters = teacher.average
+  teacher_batch_stats: Any
+  apply_fn: Callable = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+def _heads(outputs):
+  """(class logits, consistency logits); one head serves both without dual output."""
+  if isinstance(outputs, (tuple, list)):
+    return outputs[0], outputs[1]
+  return outputs, outputs
+
+
+def train_step(state: MeanTeacherState, batch, key, *, preprocess: network.Preprocess,
+               average: ema.ParameterEma, cost: Callable, consistency_weight: float,
+               rampup_epochs: float, logit_distance_cost: float, steps_per_epoch: int):
+  """One Mean Teacher step: student update, then the teacher's weight average."""
+  num_labeled = batch['labeled_images'].shape[0]
+  images = jnp.concatenate([batch['labeled_images'], batch['unlabeled_images']])
+  keys = jax.random.split(key, 4)
+  student_x = preprocess.train(images, keys[0])
+  teacher_x = preprocess.train(images, keys[1])  # independent noise
+
+  teacher_out, teacher_updates = state.apply_fn(
+      {'params': state.teacher.average, 'batch_stats': state.teacher_batch_stats},
+      teacher_x, train=True, mutable=['batch_stats'], rngs={'dropout': keys[2]})
+  target = jax.lax.stop_gradient(_heads(teacher_out)[0])
+
+  epoch = state.step / steps_per_epoch
+  weight = consistency_weight * consistency.sigmoid_rampup(epoch, rampup_epochs)
+
+  def loss_fn(params):
+    out, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, student_x, train=True,
+        mutable=['batch_stats'], rngs={'dropout': keys[3]})
+    class_logits, cons_logits = _heads(out)
+    class_loss = network.cross_entropy(class_logits[:num_labeled], batch['labels'])
+    cons_loss = cost(cons_logits, target)
+    res_loss = (logit_distance_cost * consistency.logit_distance(class_logits, cons_logits)
+                if logit_distance_cost else jnp.zeros((), jnp.float32))
+    loss = class_loss + weight * cons_loss + res_loss
+    return loss, (class_loss, cons_loss, res_loss, class_logits, updates['batch_stats'])
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  class_loss, cons_loss, res_loss, class_logits, batch_stats = aux
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  _, teacher = average.update(params, state.teacher)
+  state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                        opt_state=opt_state, teacher=teacher,
+                        teacher_batch_stats=teacher_updates['batch_stats'])
+  labeled_top1 = base.top_k_correct(class_logits[:num_labeled], batch['labels'], 1).mean()
+  return state, {'loss': loss, 'class_loss': class_loss, 'consistency_loss': cons_loss,
+                 'logit_distance_loss': res_loss, 'consistency_weight': weight,
+                 'train_top1': 100 * labeled_top1}
+
+
+def predict(state: MeanTeacherState, images, *, preprocess: network.Preprocess):
+  x = preprocess.eval(images)
+  student = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                           x, train=False)
+  teacher = state.apply_fn({'params': state.teacher.average,
+                            'batch_stats': state.teacher_batch_stats}, x, train=False)
+  return {'student': _heads(student)[0], 'teacher': _heads(teacher)[0]}
+
+
+def batch_split(config) -> tuple[int, int]:
+  """(labeled, unlabeled) images per step, from batch_size and labeled_batch_size."""
+  labeled = config.mean_teacher.labeled_batch_size
+  if not 0 < labeled < config.batch_size:
+    raise UserError(f'mean_teacher.labeled_batch_size={labeled} must be between 1 and '
+                    f'batch_size-1={config.batch_size - 1}.')
+  return labeled, config.batch_size - labeled
+
+
+def steps_per_epoch(config, data) -> int:
+  """An epoch is one pass over the unlabeled pool."""
+  _, unlabeled = batch_split(config)
+  pool = len(data.unlabeled_images)
+  if pool == 0:
+    raise UserError('Mean Teacher needs unlabeled images, but every training image is '
+                    'labeled; set labels_per_class (e.g. configs/mean_teacher.py:labels_per_class=10).')
+  return max(1, -(-pool // unlabeled))
+
+
+def build(config, data, num_steps: int) -> base.Method:
+  mt = config.mean_teacher
+  if mt.consistency not in _COSTS:
+    raise UserError(f"mean_teacher.consistency='{mt.consistency}' is unknown; use 'mse' or 'kl'.")
+  labeled, unlabeled = batch_split(config)
+  epoch_steps = steps_per_epoch(config, data)
+  dual = mt.logit_distance_cost > 0
+  model = network.build_model(config, data.num_classes, num_heads=2 if dual else 1)
+  spec = augment.AugmentSpec.from_config(config.augment)
+  preprocess = network.Preprocess(spec, data.mean, data.std)
+  tx = optim.make_optimizer(config.optimizer, num_steps)
+  average = ema.parameter_ema(mt.ema_decay)
+
+  def init(key):
+    variables = network.init_variables(model, key, data.labeled_images.shape[1:], spec)
+    params = variables['params']
+    stats = variables.get('batch_stats', {})
+    return MeanTeacherState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                            opt_state=tx.init(params), teacher=average.init(params),
+                            teacher_batch_stats=stats, apply_fn=model.apply, tx=tx)
+
+  step = functools.partial(
+      train_step, preprocess=preprocess, average=average, cost=_COSTS[mt.consistency],
+      consistency_weight=mt.consistency_weight, rampup_epochs=mt.rampup_epochs,
+      logit_distance_cost=mt.logit_distance_cost, steps_per_epoch=epoch_steps)
+  return base.Method(init=init, train_step=step,
+                     predict=functools.partial(predict, preprocess=preprocess),
+                     reported_model='teacher', labeled_batch=labeled, unlabeled_batch=unlabeled,
+                     steps_per_epoch=epoch_steps)

@@ -1,0 +1,67 @@
+"""The classifier network every method trains: build, initialise, preprocess.
+
+Kept apart from the methods so that they differ only in what they optimise.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sslj import models
+from sslj.data import augment
+from sslj.errors import UserError
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def compute_dtype(name: str):
+  if name not in _DTYPES:
+    raise UserError(f"model.dtype='{name}' is unknown; use one of {sorted(_DTYPES)}.")
+  return _DTYPES[name]
+
+
+def build_model(config, num_classes: int, num_heads: int = 1):
+  return models.build(config.model.name, num_classes=num_classes,
+                      dtype=compute_dtype(config.model.dtype), num_heads=num_heads)
+
+
+def init_variables(model, key, image_shape, spec: augment.AugmentSpec):
+  """Initialises on one dummy example of the size the network will see."""
+  h, w, c = image_shape
+  if spec.out_size:
+    h = w = spec.out_size
+  x = jnp.zeros((1, h, w, c), jnp.float32)
+  params_key, dropout_key = jax.random.split(key)
+  return model.init({'params': params_key, 'dropout': dropout_key}, x, train=False)
+
+
+class Preprocess:
+  """uint8 images -> normalised float inputs, augmented in training.
+
+  `train(images, key)` draws the configured augmentation per example; `eval`
+  only resizes (when configured) and normalises, as the model was trained.
+  """
+
+  def __init__(self, spec: augment.AugmentSpec, mean: np.ndarray, std: np.ndarray):
+    self.spec = spec
+    self.mean = jnp.asarray(mean, jnp.float32)
+    self.std = jnp.asarray(std, jnp.float32)
+    self._eval_spec = augment.AugmentSpec(out_size=spec.out_size)
+
+  def train(self, images, key):
+    return augment.normalize(augment.augment_batch(images, key, self.spec), self.mean, self.std)
+
+  def eval(self, images):
+    # The eval spec draws nothing random, so any key gives the same output.
+    x = augment.augment_batch(images, jax.random.key(0), self._eval_spec)
+    return augment.normalize(x, self.mean, self.std)
+
+
+def cross_entropy(logits, labels):
+  import optax
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels).mean()

@@ -1,0 +1,51 @@
+"""Optimisers and learning-rate schedules built from a config.
+
+Schedules are derived here from the run's length, never written into configs,
+so they stay right when `num_steps` is overridden on the command line.
+"""
+
+from __future__ import annotations
+
+import optax
+
+from sslj.errors import UserError
+
+
+def learning_rate(cfg, num_steps: int) -> optax.Schedule:
+  """`cfg.schedule` in {'cosine', 'constant'} with `cfg.warmup_steps` linear warm-up.
+
+  Cosine annealing to zero over the run (Loshchilov & Hutter 2017, SGDR without
+  restarts) is what both reports and FixMatch used.
+  References: Loshchilov & Hutter 2017, "SGDR: stochastic gradient descent with warm restarts".
+  """
+  warmup = min(cfg.warmup_steps, max(num_steps - 1, 0))
+  if cfg.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else cfg.learning_rate,
+        peak_value=cfg.learning_rate, warmup_steps=warmup,
+        decay_steps=max(num_steps, warmup + 1), end_value=0.0)
+  if cfg.schedule == 'constant':
+    if not warmup:
+      return optax.constant_schedule(cfg.learning_rate)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.learning_rate, warmup),
+         optax.constant_schedule(cfg.learning_rate)], [warmup])
+  raise UserError(f"optimizer.schedule='{cfg.schedule}' is unknown; use 'cosine' or 'constant'.")
+
+
+def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
+  """SGD (optionally Nesterov) with L2 weight decay, or Adam(W).
+
+  SGD's weight decay is added to the gradient before momentum, as PyTorch's
+  `SGD(weight_decay=...)` does, which is how the reports trained.
+  """
+  schedule = learning_rate(cfg, num_steps)
+  if cfg.name == 'sgd':
+    return optax.chain(
+        optax.add_decayed_weights(cfg.weight_decay) if cfg.weight_decay else optax.identity(),
+        optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+  if cfg.name == 'adam':
+    if cfg.weight_decay:
+      return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    return optax.adam(schedule, b1=cfg.b1, b2=cfg.b2)
+  raise UserError(f"optimizer.name='{cfg.name}' is unknown; use 'sgd' or 'adam'.")

@@ -1,0 +1,88 @@
+"""The small files of a run directory: its config, wall time and results.
+
+Every write goes to a temporary file that is then renamed over the old one,
+so a kill never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from sslj.errors import UserError
+
+# Fields that change how a run is watched or stored, not what it computes:
+# they may differ when a run is resumed.
+_RUN_CONTROL = ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
+                'eval_batch_size', 'data.data_dir', 'data.manual_dir')
+
+
+def _atomic_write_json(path: str, value) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+    f.write('\n')
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _flatten(tree, prefix=''):
+  flat = {}
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, dict):
+      flat.update(_flatten(value, name + '.'))
+    else:
+      flat[name] = value
+  return flat
+
+
+def claim_workdir(workdir: str, config) -> None:
+  """Records the run's config in `workdir`, or checks it matches on resume.
+
+  A workdir holding a run of a different config is refused rather than mixed
+  with it: resuming there would continue someone else's training.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    recorded = _read_json(path)
+    a, b = _flatten(recorded), _flatten(current)
+    differ = sorted(k for k in set(a) | set(b)
+                    if k not in _RUN_CONTROL and a.get(k) != b.get(k))
+    if differ:
+      key = differ[0]
+      raise UserError(
+          f'{workdir} holds a run with a different config ({key}: {a.get(key)!r} there, '
+          f'{b.get(key)!r} now{", and %d more" % (len(differ) - 1) if len(differ) > 1 else ""}); '
+          'use a new --workdir or the same config.')
+  elif jax.process_index() == 0:
+    _atomic_write_json(path, current)
+
+
+def record_wall_time(workdir: str, step: int, wall_s: float) -> None:
+  if jax.process_index() == 0:
+    _atomic_write_json(os.path.join(workdir, 'wall_time.json'),
+                       {'step': step, 'wall_s': wall_s})
+
+
+def wall_time_at(workdir: str, step: int) -> float:
+  """Seconds spent before `step` by earlier, interrupted invocations."""
+  path = os.path.join(workdir, 'wall_time.json')
+  if step == 0 or not os.path.exists(path):
+    return 0.0
+  return float(_read_json(path)['wall_s'])
+
+
+def write_results(workdir: str, results: dict) -> None:
+  if jax.process_index() == 0:
+    _atomic_write_json(os.path.join(workdir, 'results.json'), results)

@@ -1,0 +1,245 @@
+"""The one training loop every gradient method runs in.
+
+Data flows one way: config -> dataset -> uint8 arrays resident on the devices
+(sharded over `data`) -> a jitted step that samples indices, gathers and
+augments on the devices and updates the state -> metrics to the host every
+`log_every` steps -> checkpoints and evaluation. The step key is
+`fold_in(base_key, state.step)`, so a resumed run draws exactly the batches
+and noise an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sslj import checkpoint, logbook, methods, parallel, run_files
+from sslj.data import sources, splits
+from sslj.errors import UserError
+from sslj.methods import base
+
+
+@flax.struct.dataclass
+class TrainData:
+  """The training images on the devices; `labels` is replicated."""
+  labeled: parallel.ResidentImages
+  labels: jax.Array
+  unlabeled: parallel.ResidentImages | None
+
+
+def sample_batch(data: TrainData, key, *, mesh, labeled_batch: int,
+                 unlabeled_batch: int) -> base.Batch:
+  """Draws a batch on the devices: uniform indices, then a sharded gather."""
+  labeled_key, unlabeled_key = jax.random.split(key)
+  batch = {}
+  if labeled_batch:
+    batch['labeled_images'], batch['labels'] = parallel.sample_rows(
+        mesh, data.labeled, labeled_key, labeled_batch, data.labels)
+  if unlabeled_batch:
+    batch['unlabeled_images'], _ = parallel.sample_rows(
+        mesh, data.unlabeled, unlabeled_key, unlabeled_batch)
+  return batch
+
+
+def sampled_step(state, first_bad, data, base_key, *, method_step, sampler):
+  """Sample + method step + non-finite watch, as one compiled function.
+
+  `first_bad` is the first step whose loss was not finite (-1 if none); it is
+  kept on the device so that watching costs no host round trip per step.
+  """
+  step = state.step
+  sample_key, step_key = jax.random.split(jax.random.fold_in(base_key, step))
+  batch = sampler(data, sample_key)
+  state, metrics = method_step(state, batch, step_key)
+  finite = jnp.isfinite(metrics['loss'])
+  first_bad = jnp.where((first_bad < 0) & ~finite, step, first_bad)
+  return state, first_bad, metrics
+
+
+def count_correct(state, images, labels, mask, *, predict):
+  """Top-1 and top-5 hits of every model on one padded eval batch."""
+  out = {}
+  for name, logits in predict(state, images).items():
+    out[name] = jnp.stack([jnp.sum(base.top_k_correct(logits, labels, k) * mask)
+                           for k in (1, 5)])
+  return out
+
+
+def evaluate(state, count_fn, images: np.ndarray, labels: np.ndarray, mesh,
+             batch_size: int) -> dict:
+  """Top-1/top-5 (percent) of every model on a whole split, in padded batches."""
+  totals = None
+  sharding = parallel.batch_sharded(mesh)
+  for start in range(0, len(images), batch_size):
+    x = images[start:start + batch_size]
+    y = labels[start:start + batch_size]
+    mask = np.ones(len(x), np.float32)
+    if len(x) < batch_size:  # pad the last batch; padding is masked out
+      pad = batch_size - len(x)
+      x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+      y = np.concatenate([y, np.zeros(pad, y.dtype)])
+      mask = np.concatenate([mask, np.zeros(pad, np.float32)])
+    hits = count_fn(state, *(parallel.to_global(a, sharding) for a in (x, y, mask)))
+    totals = hits if totals is None else jax.tree.map(jnp.add, totals, hits)
+  totals = jax.device_get(totals)
+  return {name: {'top1': 100 * float(h[0]) / len(images),
+                 'top5': 100 * float(h[1]) / len(images)} for name, h in totals.items()}
+
+
+def load_data(config):
+  """The dataset the config names, split into labeled / unlabeled / test."""
+  arrays = sources.load_arrays(config.data.name, data_dir=config.data.data_dir,
+                               manual_dir=config.data.manual_dir, fold=config.data.fold,
+                               image_size=config.data.image_size)
+  return splits.semi_supervised(arrays, config.data.labels_per_class, config.seed,
+                                fold=config.data.fold,
+                                unlabeled_from_train=config.data.unlabeled_from_train)
+
+
+def num_steps_for(config, module, data) -> int:
+  """`num_steps`, or `num_epochs` worth of steps when that is set."""
+  if config.num_epochs > 0:
+    return int(np.ceil(config.num_epochs * module.steps_per_epoch(config, data)))
+  if config.num_steps < 1:
+    raise UserError(f'num_steps={config.num_steps} must be at least 1 '
+                    '(or set num_epochs > 0).')
+  return config.num_steps
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks at each step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del signum, frame
+      self.requested = True
+      logging.warning('SIGTERM received: saving a checkpoint at the next step boundary.')
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. under a test runner thread)
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config, workdir: str) -> dict | None:
+  """Trains (resuming if `workdir` holds a checkpoint), evaluates, writes results.
+
+  Returns the results dict, or None when the run stopped early on SIGTERM
+  after saving a checkpoint.
+  """
+  started = time.perf_counter()
+  module = methods.get(config.method)
+  data = load_data(config)
+  num_steps = num_steps_for(config, module, data)
+  method = module.build(config, data, num_steps)
+  for what, size in (('batch_size', method.labeled_batch + method.unlabeled_batch),
+                     ('labeled batch', method.labeled_batch),
+                     ('unlabeled batch', method.unlabeled_batch),
+                     ('eval_batch_size', config.eval_batch_size)):
+    if size:
+      parallel.check_divisible(size, what)
+  run_files.claim_workdir(workdir, config)
+
+  mesh = parallel.make_mesh()
+  replicated = parallel.replicated(mesh)
+  train_data = TrainData(
+      labeled=parallel.put_resident(data.labeled_images, mesh),
+      labels=parallel.to_global(data.labeled_labels.astype(np.int32), replicated),
+      unlabeled=(parallel.put_resident(data.unlabeled_images, mesh)
+                 if method.unlabeled_batch else None))
+  init_key, base_key = jax.random.split(jax.random.key(config.seed))
+  state = jax.jit(method.init, out_shardings=replicated)(init_key)
+
+  ckpt = checkpoint.Checkpointer(workdir, every=config.checkpoint_every,
+                                 keep=config.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+  start_step = int(jax.device_get(state.step))
+  wall_before = run_files.wall_time_at(workdir, start_step)
+
+  sampler = functools.partial(sample_batch, mesh=mesh, labeled_batch=method.labeled_batch,
+                              unlabeled_batch=method.unlabeled_batch)
+  step_fn = jax.jit(functools.partial(sampled_step, method_step=method.train_step,
+                                      sampler=sampler),
+                    donate_argnums=(0, 1))
+  count_fn = jax.jit(functools.partial(count_correct, predict=method.predict))
+  book = logbook.Logbook(workdir, resume_step=start_step, total_steps=num_steps)
+  first_bad = jax.device_put(jnp.array(-1, jnp.int32), replicated)
+
+  def check_finite():
+    bad = int(jax.device_get(first_bad))
+    if bad >= 0:
+      last = ckpt.latest_step()
+      kept = f'the last good checkpoint (step {last}) is kept' if last is not None else 'no checkpoint was saved'
+      raise UserError(f'loss became non-finite at step {bad}; {kept}. Lower '
+                      'optimizer.learning_rate or check the data.')
+
+  def run_eval(step):
+    scores = evaluate(state, count_fn, data.test_images, data.test_labels, mesh,
+                      config.eval_batch_size)
+    book.write(step, {f'eval/{m}/{k}': v for m, s in scores.items() for k, v in s.items()})
+    logging.info('eval at step %d: %s', step, ', '.join(
+        f"{m} top1 {s['top1']:.2f}% top5 {s['top5']:.2f}%" for m, s in scores.items()))
+    return scores
+
+  def save(step, force=False):
+    if force or (config.checkpoint_every > 0 and step % config.checkpoint_every == 0):
+      check_finite()
+      if ckpt.save(step, state, force=True):
+        run_files.record_wall_time(workdir, step, wall_before + time.perf_counter() - started)
+
+  if start_step:
+    logging.info('Resuming at step %d of %d.', start_step, num_steps)
+  with _Preemption() as preemption:
+    for step in range(start_step, num_steps):
+      if method.on_epoch_start and step % method.steps_per_epoch == 0:
+        state = method.on_epoch_start(state, step // method.steps_per_epoch)
+      state, first_bad, metrics = step_fn(state, first_bad, train_data, base_key)
+      done = step + 1
+      if done % config.log_every == 0 or done == num_steps:
+        check_finite()
+        scalars = jax.device_get(metrics)
+        scalars.update(book.progress(done, scalars))
+        book.write(done, {f'train/{k}': v for k, v in scalars.items()})
+      if config.eval_every > 0 and done % config.eval_every == 0 and done < num_steps:
+        run_eval(done)
+      save(done)
+      if preemption.requested and done < num_steps:
+        save(done, force=True)
+        logging.warning('Stopped at step %d on SIGTERM; run the same command to resume.', done)
+        book.close()
+        ckpt.close()
+        return None
+
+  check_finite()
+  save(num_steps, force=True)
+  scores = run_eval(num_steps)
+  book.close()
+  ckpt.close()
+  reported = scores[method.reported_model]
+  results = {
+      'method': config.method, 'dataset': config.data.name,
+      'labels_per_class': config.data.labels_per_class
+      if config.data.labels_per_class is not None else 'all',
+      'seed': config.seed, 'num_steps': num_steps,
+      'wall_s': round(wall_before + time.perf_counter() - started, 2),
+      'top1': reported['top1'], 'top5': reported['top5'], 'models': scores}
+  run_files.write_results(workdir, results)
+  return results

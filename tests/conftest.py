@@ -1,0 +1,40 @@
+"""Shared test set-up: a tfds data dir per session, and a tiny supervised config."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """One tfds data dir for the whole session, so `digits` is prepared once."""
+  return str(tmp_path_factory.mktemp('tensorflow_datasets'))
+
+
+def tiny_config(method='supervised', arg='', **overrides):
+  """A config of `configs/<method>.py` shrunk to seconds on a CPU."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      f'config_{method}', os.path.join(ROOT, 'configs', f'{method}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.unlock()
+  config.num_steps = 12
+  config.batch_size = 16
+  config.eval_batch_size = 100
+  config.log_every = 4
+  config.eval_every = 6
+  config.checkpoint_every = 6
+  for key, value in overrides.items():
+    target = config
+    *path, leaf = key.split('.')
+    for part in path:
+      target = target[part]
+    target[leaf] = value
+  config.lock()
+  return config

@@ -1,0 +1,108 @@
+"""Mean Teacher: EMA, consistency costs and ramp against numpy; gradients; BN choice."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from sslj import train
+from sslj.methods import mean_teacher
+from sslj.ops import consistency, ema
+
+
+def _np_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_ema_matches_closed_form_with_warmup():
+  decay = 0.9
+  rng = np.random.RandomState(0)
+  student = [rng.randn(3, 2).astype(np.float32) for _ in range(12)]
+  transform = ema.parameter_ema(decay)
+  update = jax.jit(transform.update)
+  state = transform.init({'w': student[0]})
+  expected = student[0].astype(np.float64)
+  for t, params in enumerate(student[1:], start=1):
+    teacher, state = update({'w': params}, state)
+    d = min(1 - 1 / (t + 1), decay)
+    expected = d * expected + (1 - d) * params
+    np.testing.assert_allclose(teacher['w'], expected, rtol=1e-6, atol=1e-6)
+  assert int(state.count) == 11
+  # The warm-up: 0.5, 0.667, 0.75, ... until the configured decay takes over.
+  np.testing.assert_allclose([ema.decay_at(t, decay) for t in (1, 2, 3, 20)],
+                             [0.5, 2 / 3, 0.75, 0.9], rtol=1e-6)
+
+
+def test_consistency_costs_match_numpy():
+  rng = np.random.RandomState(1)
+  s, t = rng.randn(2, 8, 5).astype(np.float32) * 3
+  ps, pt = _np_softmax(s.astype(np.float64)), _np_softmax(t.astype(np.float64))
+  mse = np.mean(np.sum((ps - pt) ** 2, -1)) / 5
+  kl = np.mean(np.sum(pt * (np.log(pt) - np.log(ps)), -1))
+  dist = np.mean(np.sum((s - t) ** 2, -1)) / 5
+  np.testing.assert_allclose(jax.jit(consistency.softmax_mse)(s, t), mse, rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(consistency.softmax_kl)(s, t), kl, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(jax.jit(consistency.logit_distance)(s, t), dist, rtol=1e-5)
+  assert float(consistency.softmax_kl(s, s)) == pytest.approx(0, abs=1e-6)
+
+
+def test_sigmoid_rampup_matches_formula():
+  ramp = jax.jit(consistency.sigmoid_rampup, static_argnums=1)
+  for progress in (0.0, 1.0, 2.5, 5.0, 7.0):
+    t = np.clip(progress / 5.0, 0, 1)
+    np.testing.assert_allclose(ramp(progress, 5.0), np.exp(-5 * (1 - t) ** 2), rtol=1e-6)
+  assert float(consistency.sigmoid_rampup(3.0, 0)) == 1.0
+
+
+def _built(data_dir, **overrides):
+  config = tiny_config('mean_teacher', **{'data.data_dir': data_dir,
+                                          'mean_teacher.labeled_batch_size': 4, **overrides})
+  data = train.load_data(config)
+  method = mean_teacher.build(config, data, config.num_steps)
+  state = jax.jit(method.init)(jax.random.key(0))
+  rng = np.random.RandomState(0)
+  labeled, unlabeled = mean_teacher.batch_split(config)
+  batch = {'labeled_images': data.labeled_images[rng.randint(0, len(data.labeled_images), labeled)],
+           'labels': None,
+           'unlabeled_images': data.unlabeled_images[rng.randint(0, len(data.unlabeled_images), unlabeled)]}
+  batch['labels'] = data.labeled_labels[rng.randint(0, len(data.labeled_labels), labeled)]
+  return config, method, state, batch
+
+
+def test_no_gradient_flows_into_the_teacher(data_dir):
+  config, method, state, batch = _built(data_dir)
+  step = method.train_step.func
+  kw = method.train_step.keywords
+  # Differentiate the total loss with respect to the teacher's parameters: the
+  # teacher only provides a stop_gradient target, so the gradient is zero.
+  def loss_of_teacher(teacher_params):
+    s = state.replace(teacher=state.teacher._replace(average=teacher_params))
+    _, metrics = step(s, batch, jax.random.key(3), **kw)
+    return metrics['loss']
+  grads = jax.jit(jax.grad(loss_of_teacher))(state.teacher.average)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+def test_teacher_is_the_average_and_keeps_its_own_batchnorm_statistics(data_dir):
+  config, method, state, batch = _built(data_dir)
+  new, metrics = jax.jit(method.train_step)(state, batch, jax.random.key(5))
+  # Parameters: the first update averages with decay 0.5.
+  expected = jax.tree.map(lambda t, s: 0.5 * t + 0.5 * s, state.teacher.average, new.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               new.teacher.average, expected)
+  # BatchNorm statistics: the teacher's moved away from its initial values, and
+  # are not the student's (nor their average): they come from its own passes.
+  leaves = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+  t0, t1, s1 = (leaves(x) for x in (state.teacher_batch_stats, new.teacher_batch_stats,
+                                     new.batch_stats))
+  assert not np.allclose(t1, t0)
+  assert not np.allclose(t1, s1)
+  assert not np.allclose(t1, 0.5 * t0 + 0.5 * s1)
+  assert np.isfinite(float(metrics['loss']))
+  assert float(metrics['consistency_weight']) == pytest.approx(
+      config.mean_teacher.consistency_weight * np.exp(-5.0), rel=1e-5)
