@@ -147,6 +147,8 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
   started = time.perf_counter()
   module = methods.get(config.method)
   data = load_data(config)
+  if hasattr(module, 'run_pipeline'):
+    return _run_pipeline(module, config, data, workdir, started)
   num_steps = num_steps_for(config, module, data)
   method = module.build(config, data, num_steps)
   for what, size in (('batch_size', method.labeled_batch + method.unlabeled_batch),
@@ -233,13 +235,30 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
   scores = run_eval(num_steps)
   book.close()
   ckpt.close()
-  reported = scores[method.reported_model]
+  return _finish(config, workdir, scores, method.reported_model, num_steps,
+                 wall_before + time.perf_counter() - started)
+
+
+def _run_pipeline(module, config, data, workdir, started):
+  """A method that is not gradient training: it evaluates itself.
+
+  `module.run_pipeline(config, data, workdir)` returns
+  `(scores {model: {'top1', 'top5'}}, reported_model)`.
+  """
+  run_files.claim_workdir(workdir, config)
+  scores, reported_model = module.run_pipeline(config, data, workdir)
+  return _finish(config, workdir, scores, reported_model, config.num_steps,
+                 time.perf_counter() - started)
+
+
+def _finish(config, workdir, scores, reported_model, num_steps, wall_s):
+  """Writes `results.json` in the fields every method shares."""
+  reported = scores[reported_model]
   results = {
       'method': config.method, 'dataset': config.data.name,
       'labels_per_class': config.data.labels_per_class
       if config.data.labels_per_class is not None else 'all',
-      'seed': config.seed, 'num_steps': num_steps,
-      'wall_s': round(wall_before + time.perf_counter() - started, 2),
+      'seed': config.seed, 'num_steps': num_steps, 'wall_s': round(wall_s, 2),
       'top1': reported['top1'], 'top5': reported['top5'], 'models': scores}
   run_files.write_results(workdir, results)
   return results

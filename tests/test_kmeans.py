@@ -1,0 +1,212 @@
+"""k-means against scikit-learn and numpy; chunking, sharding, re-seeding.
+
+scikit-learn's `KMeans(algorithm='lloyd', max_iter=T, tol=0)` makes T
+assign-and-update iterations and then assigns the points once more to the
+final centroids for `labels_` and `inertia_`; `kmeans(num_iters=T)` does the
+same, so centroids, labels and inertia are compared like for like. The data
+are chosen so that no cluster empties (the two re-seed empties differently).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+
+from sslj.errors import UserError
+from sslj.ops import kmeans as km
+
+
+def _blobs(n=1500, d=6, centres=5, spread=0.3, seed=0):
+  rng = np.random.default_rng(seed)
+  means = rng.normal(size=(centres, d)) * 10
+  labels = rng.integers(0, centres, n)
+  return (means[labels] + rng.normal(size=(n, d)) * spread).astype(np.float32)
+
+
+def _overlapping(n=2000, d=8, seed=1):
+  return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+
+
+def _rows(x, k, seed):
+  return x[np.random.default_rng(seed).choice(len(x), k, replace=False)]
+
+
+def _sklearn(x, init, iters):
+  # float64 reference: the float32 JAX result should be within round-off.
+  return KMeans(len(init), init=init.astype(np.float64), n_init=1,
+                max_iter=iters, algorithm='lloyd', tol=0.0).fit(
+                    x.astype(np.float64))
+
+
+@pytest.mark.parametrize('data,k,iters', [(_blobs, 5, 5), (_blobs, 8, 10),
+                                          (_overlapping, 12, 15)])
+def test_matches_sklearn_lloyd(data, k, iters):
+  x = data()
+  init = _rows(x, k, seed=3)
+  ours = km.kmeans(x, k, num_iters=iters, key=jax.random.key(0), init=init,
+                   chunk_size=256)
+  ref = _sklearn(x, init, iters)
+  assert ref.n_iter_ <= iters
+  assert abs(float(ours.inertia) / ref.inertia_ - 1) < 1e-4
+  np.testing.assert_allclose(np.asarray(ours.centroids), ref.cluster_centers_,
+                             atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(ours.assignments), ref.labels_)
+  assert ours.assignments.dtype == np.int32
+  # inertia is the squared distance of each point to its final centroid
+  diff = x.astype(np.float64) - np.asarray(ours.centroids)[ref.labels_]
+  np.testing.assert_allclose(float(ours.inertia), (diff ** 2).sum(), rtol=1e-5)
+
+
+def test_chunked_and_unchunked_agree():
+  x = _overlapping(n=1003)  # not a multiple of any chunk: padded rows
+  init = _rows(x, 7, seed=4)
+  kw = dict(num_iters=6, key=jax.random.key(1), init=init)
+  whole = km.kmeans(x, 7, chunk_size=len(x), **kw)
+  chunked = km.kmeans(x, 7, chunk_size=100, **kw)
+  np.testing.assert_array_equal(np.asarray(chunked.assignments),
+                                np.asarray(whole.assignments))
+  np.testing.assert_allclose(np.asarray(chunked.centroids),
+                             np.asarray(whole.centroids), atol=1e-5)
+  np.testing.assert_allclose(float(chunked.inertia), float(whole.inertia),
+                             rtol=1e-5)
+
+
+def test_assign_matches_brute_force():
+  x = _overlapping(n=777)
+  centroids = _rows(x, 9, seed=5) + 0.1
+  labels, dist = km.assign(x, centroids, chunk_size=64)
+  d2 = ((x[:, None, :].astype(np.float64) - centroids[None]) ** 2).sum(-1)
+  np.testing.assert_array_equal(np.asarray(labels), d2.argmin(1))
+  np.testing.assert_allclose(np.asarray(dist), d2.min(1), rtol=1e-4, atol=1e-4)
+
+
+def test_empty_cluster_is_split_like_faiss():
+  x = _blobs(n=600, centres=3)
+  init = np.concatenate([_rows(x, 3, seed=6), np.full((1, 6), 1e3, np.float32)])
+  one = km.kmeans(x, 4, num_iters=1, key=jax.random.key(2), init=init)
+  # numpy: one Lloyd update; cluster 3 gets no point.
+  labels = ((x[:, None] - init[None]) ** 2).sum(-1).argmin(1)
+  counts = np.bincount(labels, minlength=4)
+  assert counts[3] == 0
+  means = np.stack([x[labels == j].mean(0) for j in range(3)])
+  got = np.asarray(one.centroids)
+  donors = [j for j in range(3) if not np.allclose(got[j], means[j], atol=1e-5)]
+  assert len(donors) == 1 and counts[donors[0]] >= 2
+  eps = np.where(np.arange(6) % 2 == 0, 1, -1) / 1024
+  np.testing.assert_allclose(got[3], means[donors[0]] * (1 + eps), rtol=1e-5)
+  np.testing.assert_allclose(got[donors[0]], means[donors[0]] * (1 - eps),
+                             rtol=1e-5)
+  # After more iterations every cluster holds points, deterministically.
+  runs = [km.kmeans(x, 4, num_iters=8, key=jax.random.key(2), init=init)
+          for _ in range(2)]
+  assert np.bincount(np.asarray(runs[0].assignments), minlength=4).min() > 0
+  np.testing.assert_array_equal(np.asarray(runs[0].centroids),
+                                np.asarray(runs[1].centroids))
+
+
+def test_kmeans_plusplus_deterministic_data_points_and_spread():
+  rng = np.random.default_rng(7)
+  far = np.array([[0.0, 0.0], [1e3, 0.0], [0.0, 1e3]])
+  x = (far[rng.integers(0, 3, 300)] + rng.normal(size=(300, 2)) * 1e-2)
+  x = x.astype(np.float32)
+  a = km.init_centroids(x, 3, key=jax.random.key(0))
+  b = km.init_centroids(x, 3, key=jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for seed in range(5):
+    c = np.asarray(km.init_centroids(x, 3, key=jax.random.key(seed)))
+    rows = [np.flatnonzero((x == row).all(1)) for row in c]
+    assert all(len(r) == 1 for r in rows)  # exact data points
+    # D^2 sampling puts one seed in each far-apart blob (uniform seeding
+    # would do so with probability 2/9 per key).
+    assert len({tuple(np.round(row / 1e3)) for row in c}) == 3
+  r = np.asarray(km.init_centroids(x, 50, key=jax.random.key(1),
+                                   method='random'))
+  assert len({tuple(row) for row in r}) == 50
+  # the string init goes through the same seeding
+  res = km.kmeans(x, 3, num_iters=2, key=jax.random.key(3))
+  assert np.bincount(np.asarray(res.assignments), minlength=3).min() > 0
+
+
+def test_bad_input_raises_user_error():
+  x = _overlapping(n=20)
+  key = jax.random.key(0)
+  with pytest.raises(UserError, match='num_clusters'):
+    km.kmeans(x, 21, num_iters=1, key=key)
+  with pytest.raises(UserError, match='unknown k-means init'):
+    km.kmeans(x, 3, num_iters=1, key=key, init='kmeans')
+  with pytest.raises(UserError, match='initial centroids have shape'):
+    km.kmeans(x, 3, num_iters=1, key=key, init=x[:4])
+  with pytest.raises(UserError, match='non-empty'):
+    km.kmeans(x[0], 3, num_iters=1, key=key)
+  mesh = jax.make_mesh((1,), ('batch',))
+  with pytest.raises(UserError, match="'data' axis"):
+    km.kmeans(x, 3, num_iters=1, key=key, init=x[:3], mesh=mesh)
+
+
+_SHARDED = textwrap.dedent('''
+    import json, jax, numpy as np
+    from sslj.ops import kmeans as km
+    assert jax.device_count() == 4
+    mesh = jax.make_mesh((4,), ('data',))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1001, 5)).astype(np.float32)  # 1001 % 4 != 0
+    out = {}
+    for name, init in (('plain', x[:6]),
+                       ('empty', np.concatenate([x[:5], np.full((1, 5), 50.,
+                                                                np.float32)]))):
+      kw = dict(num_iters=5, key=jax.random.key(0), init=init, chunk_size=64)
+      for where, m in (('one', None), ('four', mesh)):
+        r = km.kmeans(x, 6, mesh=m, **kw)
+        out[f'{name}_{where}'] = [np.asarray(r.centroids).tolist(),
+                                  np.asarray(r.assignments).tolist(),
+                                  float(r.inertia)]
+    # a global array already sharded over the mesh goes through too
+    xs = jax.device_put(x[:1000], jax.NamedSharding(mesh, jax.P('data')))
+    r = km.kmeans(xs, 6, mesh=mesh, **kw)
+    out['global'] = np.asarray(r.assignments).tolist()
+    out['global_ref'] = np.asarray(km.kmeans(x[:1000], 6, **kw).assignments
+                                   ).tolist()
+    lab, _ = km.assign(x, x[:6], 64, mesh=mesh)
+    out['assign'] = np.asarray(lab).tolist()
+    out['assign_ref'] = np.asarray(km.assign(x, x[:6], 64)[0]).tolist()
+    # k-means++ over the shards draws the same points as on one device, and
+    # meshes whose axes are Auto rather than Explicit work too.
+    auto = jax.make_mesh((4,), ('data',),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    for where, m in (('one', None), ('four', mesh), ('auto', auto)):
+      c = km.init_centroids(x, 8, key=jax.random.key(5), mesh=m)
+      out[f'pp_{where}'] = np.asarray(c).tolist()
+    # 5 points on 4 devices: the last device holds only padding.
+    c = km.init_centroids(x[:5], 5, key=jax.random.key(6), mesh=mesh)
+    out['pp_small'] = sorted(np.asarray(c).tolist())
+    out['pp_small_ref'] = sorted(x[:5].tolist())
+    print('RESULT' + json.dumps(out))
+''')
+
+
+def test_sharded_over_four_devices_matches_one_device():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', _SHARDED], env=env,
+                        capture_output=True, text=True, timeout=240,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split('RESULT', 1)[1])
+  for name in ('plain', 'empty'):
+    c1, a1, i1 = out[f'{name}_one']
+    c4, a4, i4 = out[f'{name}_four']
+    assert a1 == a4
+    np.testing.assert_allclose(c4, c1, atol=1e-5)
+    np.testing.assert_allclose(i4, i1, rtol=1e-5)
+  # the far centroid was re-seeded identically on every device
+  assert min(np.bincount(out['empty_four'][1], minlength=6)) > 0
+  assert out['global'] == out['global_ref']
+  assert out['assign'] == out['assign_ref']
+  assert out['pp_four'] == out['pp_one'] == out['pp_auto']
+  assert out['pp_small'] == out['pp_small_ref']
