@@ -29,14 +29,18 @@ _STEPS = flags.DEFINE_integer('steps', 200, 'Timed steps per variant (after warm
 _OUT = flags.DEFINE_string('out', None, 'Write the figures as JSON here.')
 
 
-def _time(fn, state, steps):
+def _time(fn, state, steps, repeats=5):
+  """Best of `repeats` timings of `steps` steps (the least disturbed by other load)."""
   state = fn(state)  # compile and warm up
   jax.block_until_ready(state)
-  start = time.perf_counter()
-  for _ in range(steps):
-    state = fn(state)
-  jax.block_until_ready(state)
-  return (time.perf_counter() - start) / steps
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps):
+      state = fn(state)
+    jax.block_until_ready(state)
+    best = min(best, (time.perf_counter() - start) / steps)
+  return best
 
 
 def measure(config, steps: int) -> dict:

@@ -55,9 +55,11 @@ class _OnlyOurInfo(pylogging.Filter):
 
 
 def run(*, config, workdir, mode, coordinator_address=None, num_processes=None,
-        process_id=None) -> int:
-  if config is None or not workdir:
+        process_id=None, **use_flags) -> int:
+  if mode == 'train' and (config is None or not workdir):
     fail('--config and --workdir are required, e.g. --config=configs/supervised.py --workdir=runs/x')
+  if not workdir:
+    fail(f'--mode={mode} needs --workdir=DIR, the directory of a trained run.')
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
   try:
@@ -72,6 +74,9 @@ def run(*, config, workdir, mode, coordinator_address=None, num_processes=None,
         print(f"{results['method']} on {results['dataset']}: top-1 {results['top1']:.2f}%, "
               f"top-5 {results['top5']:.2f}% in {results['wall_s']:.0f} s "
               f"({os.path.join(workdir, 'results.json')})")
+    else:  # eval, probe, predict, export: use a trained run (sslj/use).
+      from sslj.use import commands
+      print(commands.run(mode, os.path.abspath(workdir), config=config, **use_flags))
     return 0
   except UserError as e:
     fail(str(e))

@@ -193,9 +193,11 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
       raise UserError(f'loss became non-finite at step {bad}; {kept}. Lower '
                       'optimizer.learning_rate or check the data.')
 
-  def run_eval(step):
+  def run_eval(step, final=False):
     scores = evaluate(state, count_fn, data.test_images, data.test_labels, mesh,
                       config.eval_batch_size)
+    if final and method.finalize is not None:
+      scores.update(method.finalize(state, data))
     book.write(step, {f'eval/{m}/{k}': v for m, s in scores.items() for k, v in s.items()})
     logging.info('eval at step %d: %s', step, ', '.join(
         f"{m} top1 {s['top1']:.2f}% top5 {s['top5']:.2f}%" for m, s in scores.items()))
@@ -232,7 +234,7 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
 
   check_finite()
   save(num_steps, force=True)
-  scores = run_eval(num_steps)
+  scores = run_eval(num_steps, final=True)
   book.close()
   ckpt.close()
   return _finish(config, workdir, scores, method.reported_model, num_steps,

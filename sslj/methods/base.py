@@ -4,7 +4,8 @@ A gradient method is a `Method`: how to make its state, its pure train step,
 and how its models predict. The loop (`sslj.train`) owns everything else:
 sampling batches on the devices, keys, logging, checkpoints and evaluation.
 Pipelines that are not gradient training (k-means features + SVM) implement
-`run(config, data, workdir) -> results` instead and skip the loop.
+`run_pipeline(config, data, workdir) -> (scores, reported_model)` instead
+and skip the loop.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ class Method:
       defines an epoch by).
     on_epoch_start: optional host-side `(state, epoch) -> state` hook run
       before each epoch's first step (DeepCluster re-clusters here).
+    finalize: optional host-side `(state, data) -> {model: {'top1', 'top5'}}`
+      run once after training and the final evaluation; its models join
+      those of `predict` in results.json (and may be `reported_model`).
+      For evaluations that are not logits on the test images, such as a
+      linear probe fit on the labeled images' features. `data` is the
+      run's `SemiSupervisedData`.
   """
   init: Callable[[jax.Array], State]
   train_step: Callable[[State, Batch, jax.Array], tuple[State, dict]]
@@ -45,6 +52,7 @@ class Method:
   unlabeled_batch: int
   steps_per_epoch: int
   on_epoch_start: Callable[[State, int], State] | None = None
+  finalize: Callable[[State, Any], dict] | None = None
 
 
 class TrainState(flax.struct.PyTreeNode):

@@ -5,11 +5,10 @@ Kept apart from the methods so that they differ only in what they optimise.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from sslj import models
 from sslj.data import augment
@@ -62,6 +61,6 @@ class Preprocess:
 
 
 def cross_entropy(logits, labels):
-  import optax
+  """Mean softmax cross-entropy in float32, whatever the compute dtype."""
   return optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), labels).mean()

@@ -1,0 +1,111 @@
+"""`--mode=eval` and `--mode=probe`: score a run's checkpoint, write `DIR/eval.json`.
+
+eval: top-1/top-5 of every model of the method (the same compiled counting
+and padded batches as the training loop, so the checkpoint of the last step
+gives exactly the accuracies of `results.json`) on any split of the run's
+dataset or of another dataset with the same classes. Models a method fits
+after training (`Method.finalize`) are refitted and scored the same way,
+with the evaluated split in place of the test split.
+
+probe: the same, plus frozen-feature probes of the reported network (the
+teacher for Mean Teacher): a linear classifier and a weighted kNN classifier
+fitted on the labelled images (the run's labelled subset, or the same
+labels_per_class and seed drawn from the other dataset) and tested on the
+split; see `sslj.ops.probes`.
+
+`eval.json` holds one evaluation, the latest one asked for:
+  {"method", "step", "split", "dataset", "reported_model",
+   "models": {"<name>": {"top1", "top5"}},
+   "probes": {"linear": {"top1", "top5", "C"},          (probe mode only)
+              "knn": {"top1", "top5", "k", "temperature"},
+              "feature_dim", "num_labeled"}}
+Accuracies are percentages (0-100).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+from absl import logging
+import jax
+
+from sslj import run_files, train
+from sslj.ops import probes
+from sslj.use import reported, restore
+
+EVAL_FILE = 'eval.json'
+
+
+def model_scores(run: restore.RestoredRun, images, labels) -> dict:
+  """{model: {'top1', 'top5'}} of every model the method predicts with."""
+  count_fn = jax.jit(functools.partial(train.count_correct, predict=run.method.predict))
+  return train.evaluate(run.state, count_fn, images, labels, run.mesh, run.config.eval_batch_size)
+
+
+def features(run: restore.RestoredRun, *image_sets) -> list:
+  """Pooled features [N, D] of the reported network for each image set, on the host."""
+  net = run.network
+  fn = reported.replicated_outputs(net.features, run.mesh)  # compiled once for all sets
+  return [reported.apply_in_batches(fn, (net.variables,), images, run.mesh,
+                                    run.config.eval_batch_size) for images in image_sets]
+
+
+def probe_scores(run: restore.RestoredRun, evaluated: restore.EvalSet, *,
+                 k: int = probes.KNN_K, temperature: float = probes.KNN_TEMPERATURE,
+                 c: float = probes.LINEAR_C) -> dict:
+  """Linear and kNN probes of the reported network's features."""
+  fit_x, test_x = features(run, evaluated.labeled_images, evaluated.images)
+  num_classes = run.data.num_classes
+  linear = probes.linear_probe(fit_x, evaluated.labeled_labels, test_x, evaluated.labels,
+                               num_classes=num_classes, c=c)
+  knn = probes.knn_probe(fit_x, evaluated.labeled_labels, test_x, evaluated.labels,
+                         num_classes=num_classes, k=k, temperature=temperature)
+  return {'linear': {**linear, 'C': c},
+          'knn': {**knn, 'k': min(k, len(fit_x)), 'temperature': temperature},
+          'feature_dim': int(fit_x.shape[1]), 'num_labeled': int(len(fit_x))}
+
+
+def evaluate(workdir: str, *, step: int | None = None, split: str = 'test',
+             dataset: str | None = None, with_probes: bool = False) -> dict:
+  """Restores `workdir` at `step`, scores it on `split`, writes and returns eval.json.
+
+  Raises:
+    UserError: an unknown split, no config.json or checkpoint (of that step),
+      a dataset of other classes or channels.
+  """
+  restore.check_split(split)  # Before any loading.
+  run = restore.restore(workdir, step, need_network=with_probes)
+  evaluated = restore.eval_set(run, dataset, split)
+  models = model_scores(run, evaluated.images, evaluated.labels)
+  if run.method.finalize is not None:
+    # Models the method fits after training (e.g. a classifier on features)
+    # score as in training, with the evaluated images in the test's place.
+    models.update(run.method.finalize(run.state, dataclasses.replace(
+        run.data, test_images=evaluated.images, test_labels=evaluated.labels,
+        labeled_images=evaluated.labeled_images, labeled_labels=evaluated.labeled_labels)))
+  record = {'method': run.config.method, 'step': run.step, 'split': split,
+            'dataset': evaluated.dataset, 'reported_model': run.method.reported_model,
+            'models': models}
+  if with_probes:
+    record['probes'] = probe_scores(run, evaluated)
+  # Private helper of run_files: the same atomic, process-0-only JSON write
+  # as results.json gets.
+  if jax.process_index() == 0:
+    run_files._atomic_write_json(os.path.join(run.workdir, EVAL_FILE), record)  # pylint: disable=protected-access
+  logging.info('Evaluated step %d on %s/%s.', run.step, evaluated.dataset, split)
+  return record
+
+
+def summary(record: dict, workdir: str) -> str:
+  """One line for the terminal."""
+  reported_name = record['reported_model']
+  parts = [f"{name}{' (reported)' if name == reported_name else ''} top-1 {s['top1']:.2f}% "
+           f"top-5 {s['top5']:.2f}%" for name, s in record['models'].items()]
+  for name in ('linear', 'knn'):
+    if 'probes' in record:
+      s = record['probes'][name]
+      parts.append(f"{name} probe top-1 {s['top1']:.2f}% top-5 {s['top5']:.2f}%")
+  return (f"{record['method']} step {record['step']} on {record['dataset']}/{record['split']}: "
+          f"{', '.join(parts)} ({os.path.join(workdir, EVAL_FILE)})")
