@@ -11,6 +11,7 @@ checkpoint. Use a run (its config comes from DIR/config.json):
   python launch.py --mode=probe --workdir=runs/mt      # eval + linear and kNN probes
   python launch.py --mode=predict --workdir=runs/mt --images=my_images/
   python launch.py --mode=export --workdir=runs/mt     # then sslj.load('runs/mt/export')
+  python launch.py --mode=viz --workdir=runs/mt        # pictures: runs/mt/pictures/index.html
 
 Config files are Python and run as code: only use ones you trust.
 """
@@ -22,7 +23,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/supervised.py[:key=value,...].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'probe', 'predict', 'export'],
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'probe', 'predict', 'export', 'viz'],
                           'What to do with the run: train it, or use it (see sslj/use).')
 _STEP = flags.DEFINE_integer('step', None, 'eval/probe/predict/export: checkpoint step (default: latest).')
 _SPLIT = flags.DEFINE_string('split', None, 'eval/probe: test (default), train or labeled.')

@@ -74,6 +74,9 @@ def run(*, config, workdir, mode, coordinator_address=None, num_processes=None,
         print(f"{results['method']} on {results['dataset']}: top-1 {results['top1']:.2f}%, "
               f"top-5 {results['top5']:.2f}% in {results['wall_s']:.0f} s "
               f"({os.path.join(workdir, 'results.json')})")
+    elif mode == 'viz':  # pictures of a run (sslj/viz)
+      from sslj import viz
+      print(viz.run_command(os.path.abspath(workdir), config=config, **use_flags))
     else:  # eval, probe, predict, export: use a trained run (sslj/use).
       from sslj.use import commands
       print(commands.run(mode, os.path.abspath(workdir), config=config, **use_flags))

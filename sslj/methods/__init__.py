@@ -8,6 +8,8 @@ from sslj.errors import UserError
 METHODS = {
     'supervised': 'supervised',
     'mean_teacher': 'mean_teacher',
+    'kmeans_svm': 'kmeans_features',
+    'exemplar_cnn': 'exemplar_cnn',
 }
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from sslj.errors import UserError
 from sslj.models.convlarge import ConvLarge
+from sslj.models import exemplar as _exemplar
 from sslj.models import resnet as _resnet
 from sslj.models.resnet import ResNet
 from sslj.models.small_cnn import SmallCNN
@@ -26,6 +27,8 @@ from sslj.models.small_cnn import SmallCNN
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     'small_cnn': SmallCNN,
     'convlarge': ConvLarge,
+    'exemplar_small': _exemplar.exemplar_small,
+    'exemplar_large': _exemplar.exemplar_large,
     **{f'resnet{d}': functools.partial(_resnet.resnet, d) for d in (18, 34, 50, 101, 152)},
 }
 

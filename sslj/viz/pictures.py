@@ -1,0 +1,296 @@
+"""Pictures that are grids of images: filters, centroids, augmentations, patches.
+
+Each function takes the loaded `Context`, writes its PNG file(s) into
+`ctx.out_dir` and returns `page` entries, or raises `context.Skip` when the
+picture does not apply to the run.
+
+References:
+  Coates, Lee & Ng, "An analysis of single-layer networks in unsupervised
+    feature learning", AISTATS 2011 (k-means centroids as patches).
+  Dosovitskiy, Springenberg, Riedmiller & Brox, "Discriminative unsupervised
+    feature learning with convolutional neural networks", NIPS 2014
+    (surrogate classes of transformed seed patches).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import functools
+import os
+import re
+
+import jax
+import numpy as np
+
+from sslj.data import augment
+from sslj.viz import grids
+from sslj.viz.context import Context, Skip
+from sslj.viz.page import Picture, Skipped
+
+FILTER_PX = 48        # a filter tile's side is about this many pixels
+CENTROID_PX = 30
+IMAGE_PX = 96         # an augmented image's side
+MAX_CENTROIDS = 400   # centroids shown (the first ones stored)
+NUM_AUGMENTATIONS = 31
+EXEMPLAR_SEEDS = 8
+EXEMPLAR_TRANSFORMS = 11
+HOOK_MIN_WIDTH = 400  # a method's own picture is upscaled to at least this width
+
+
+def _path(ctx: Context, name: str) -> str:
+  return os.path.join(ctx.out_dir, f'{name}.png')
+
+
+def _natural_key(path: tuple[str, ...]):
+  """'Conv_2' before 'Conv_10': compare digit runs as numbers."""
+  return [[int(t) if t.isdigit() else t for t in re.split(r'(\d+)', part)] for part in path]
+
+
+def conv_kernels(params, in_channels: int) -> list[tuple[tuple[str, ...], np.ndarray]]:
+  """The 4-D convolution kernels [kh, kw, in, out] reading `in_channels` channels.
+
+  Only the first layer of a network reads the image's channels (1 or 3) in
+  every model here, so this finds it whatever the module is called; several
+  matches come in natural order of their parameter paths.
+  """
+  found = []
+
+  def walk(tree, path):
+    if isinstance(tree, collections.abc.Mapping):
+      for key, value in tree.items():
+        walk(value, path + (str(key),))
+    elif path and path[-1] == 'kernel' and getattr(tree, 'ndim', 0) == 4 \
+        and tree.shape[2] == in_channels:
+      found.append((path, tree))
+
+  walk(params, ())
+  return sorted(found, key=lambda item: _natural_key(item[0]))
+
+
+def filters(ctx: Context) -> list:
+  """First-layer convolution filters of the reported network, each normalised on its own."""
+  run = ctx.need_run()
+  try:
+    params = ctx.network().variables['params']
+    whose = f"the reported network ('{run.method.reported_model}')"
+  except Skip:
+    params = getattr(run.state, 'params', None)
+    if params is None:
+      raise
+    whose = 'the trained network (state.params; the method has no reported-network hook)'
+  channels = ctx.need_data().labeled_images.shape[-1]
+  kernels = conv_kernels(params, channels)
+  if not kernels:
+    raise Skip(f'the network has no convolution reading the {channels} image channels')
+  path, kernel = kernels[0]
+  kernel = np.asarray(jax.device_get(kernel), np.float64)
+  kh, kw, cin, cout = kernel.shape
+  tiles = kernel.transpose(3, 0, 1, 2)  # [out, kh, kw, in]
+  if cin not in (1, 3):
+    tiles = tiles.mean(axis=-1, keepdims=True)
+  cols = grids.square_cols(cout)
+  image = grids.tile(grids.normalize_each(tiles), cols=cols, zoom=grids.zoom_for((kh, kw), FILTER_PX))
+  size = grids.save_png(_path(ctx, 'filters'), image)
+  kind = 'RGB' if cin == 3 else 'grey'
+  return [Picture(
+      'filters', 'filters.png', 'First-layer convolution filters',
+      f'The {cout} {kh}x{kw} filters of the first convolution ({"/".join(path[:-1])}) of '
+      f'{whose}, as {kind} images, each stretched to its own min..max range (so contrast is '
+      'comparable within a filter, not between filters).',
+      ctx.checkpoint_source(), size, numbers={'num_filters': cout, 'kernel_shape': kernel.shape},
+      crisp=True)]
+
+
+def unwhiten(centroids: np.ndarray, mean: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+  """Undoes ZCA whitening y = (x - mean) @ matrix: x = y @ matrix^-1 + mean (float64)."""
+  centroids = np.asarray(centroids, np.float64)
+  matrix = np.asarray(matrix, np.float64)
+  return np.linalg.solve(matrix.T, centroids.T).T + np.asarray(mean, np.float64)
+
+
+def _patch_shape(saved: dict, d: int, channels: int | None) -> tuple[int, int, int]:
+  if 'patch_shape' in saved:
+    return tuple(int(v) for v in saved['patch_shape'])
+  for c in ([channels] if channels else []) + [1, 3]:
+    p = int(round((d / c) ** 0.5))
+    if p * p * c == d:
+      return p, p, c
+  raise ValueError(f'cannot tell the patch shape of {d}-value centroids (no patch_shape saved)')
+
+
+def centroids(ctx: Context) -> list:
+  """k-means centroids of a kmeans_svm run as p x p patches (`DIR/centroids.npz`)."""
+  path = os.path.join(ctx.workdir, 'centroids.npz')
+  if not os.path.exists(path):
+    if ctx.config.method == 'kmeans_svm':
+      raise Skip('no centroids.npz in the run directory yet (k-means has not finished)')
+    raise Skip(f'only kmeans_svm runs learn centroids; this is a {ctx.config.method} run')
+  with np.load(path) as z:
+    saved = {k: z[k] for k in z.files}
+  cents = np.asarray(saved['centroids'], np.float64)
+  total = len(cents)
+  shown = min(total, MAX_CENTROIDS)
+  channels = ctx.data.labeled_images.shape[-1] if ctx.data is not None else None
+  p, q, c = _patch_shape(saved, cents.shape[1], channels)
+  cols = grids.square_cols(shown)
+  zoom = grids.zoom_for((p, q), CENTROID_PX)
+  which = f'the first {shown} of {total}' if shown < total else f'all {total}'
+  source = f'centroids.npz in the run directory ({ctx.config.kmeans_features.num_centroids} '\
+           f'centroids, {p}x{q} patches)' if 'kmeans_features' in ctx.config else 'centroids.npz'
+  kind = 'RGB' if c == 3 else 'grey'
+  out = []
+  if 'zca_matrix' in saved and 'zca_mean' in saved:
+    plain = unwhiten(cents[:shown], saved['zca_mean'], saved['zca_matrix'])
+    image = grids.tile(grids.normalize_each(plain.reshape(shown, p, q, c)), cols=cols, zoom=zoom)
+    out.append(Picture(
+        'centroids', 'centroids.png', 'k-means centroids (un-whitened)',
+        f'{which.capitalize()} k-means centroids as {p}x{q} {kind} patches, mapped back through '
+        'the inverse of the saved ZCA whitening into the space of contrast-normalised patches '
+        '(x = c W^-1 + mean), each stretched to its own range.', source,
+        grids.save_png(_path(ctx, 'centroids'), image), numbers={'shown': shown, 'total': total},
+        crisp=True))
+  whitened_name = 'centroids_whitened' if out else 'centroids'
+  image = grids.tile(grids.normalize_each(cents[:shown].reshape(shown, p, q, c)), cols=cols,
+                     zoom=zoom)
+  note = ('as k-means found them, in ZCA-whitened space (how Coates et al. show them: '
+          'whitening turns them into edge- and blob-like filters)') if out else (
+              'shown whitened: no ZCA matrix was saved, so they cannot be mapped back to pixels')
+  out.append(Picture(
+      whitened_name, f'{whitened_name}.png', 'k-means centroids (whitened)',
+      f'{which.capitalize()} k-means centroids as {p}x{q} {kind} patches, {note}; each '
+      'stretched to its own range.', source, grids.save_png(_path(ctx, whitened_name), image),
+      numbers={'shown': shown, 'total': total}, crisp=True))
+  return out
+
+
+# Jitted once: eagerly, each vmapped op is dispatched on its own (seconds on a CPU).
+_augment = jax.jit(augment.augment_batch, static_argnums=2)
+
+
+def _describe(spec: augment.AugmentSpec) -> str:
+  default = augment.AugmentSpec()
+  changed = [f'{f.name}={getattr(spec, f.name)}' for f in dataclasses.fields(spec)
+             if getattr(spec, f.name) != getattr(default, f.name)]
+  return ', '.join(changed) or 'none'
+
+
+def augmentations(ctx: Context) -> list:
+  """One labelled training image and many draws of the run's own training augmentation."""
+  data = ctx.need_data()
+  spec = augment.AugmentSpec.from_config(ctx.config.augment)
+  if spec == augment.AugmentSpec(out_size=spec.out_size, fill_mode=spec.fill_mode):
+    raise Skip('the run trains without augmentation (every option of config.augment is off)')
+  rng = np.random.default_rng(ctx.options.seed)
+  index = int(rng.integers(len(data.labeled_images)))
+  image = data.labeled_images[index]
+  key = jax.random.key(ctx.options.seed)
+  drawn = _augment(np.repeat(image[None], NUM_AUGMENTATIONS, 0), key, spec)
+  if spec.out_size:  # the original as the network sees it in evaluation
+    original = _augment(image[None], key, spec.for_eval())
+  else:
+    original = image[None].astype(np.float32) / 255
+  tiles = np.concatenate([np.asarray(original), np.asarray(drawn)])
+  cols = 8
+  grid = grids.tile(tiles, cols=cols, zoom=grids.zoom_for(tiles.shape[1:3], IMAGE_PX),
+                    framed=(0,))
+  label = data.class_names[int(data.labeled_labels[index])]
+  return [Picture(
+      'augmentations', 'augmentations.png', 'Augmentation samples',
+      f"Top left, framed in red: labelled training image #{index} (class '{label}'). The other "
+      f'{NUM_AUGMENTATIONS}: independent draws of the augmentation the run trains with '
+      f'({_describe(spec)}), as sslj.data.augment.augment_batch applies it on the devices.',
+      "config.json's augment settings", grids.save_png(_path(ctx, 'augmentations'), grid),
+      numbers={'index': index}, crisp=True)]
+
+
+def _exemplar_seeds(ctx: Context, module, data):
+  """(seed images, seed-window centres, where they come from)."""
+  state = ctx.run.state if ctx.run is not None else None
+  if state is not None and hasattr(state, 'seeds') and hasattr(state, 'seed_centers'):
+    return (np.asarray(jax.device_get(state.seeds)), np.asarray(jax.device_get(state.seed_centers)),
+            f'the seeds stored in the {ctx.checkpoint_source()}')
+  needed = ('select_seeds', 'seed_centers', 'patch_size')
+  missing = [n for n in needed if not hasattr(module, n)]
+  if missing:
+    raise Skip(f'no checkpoint with seeds ({ctx.run_reason}), and sslj.methods.exemplar_cnn '
+               f'has no public {", ".join(missing)} to draw them again')
+  patch = module.patch_size(ctx.config, data)
+  index, corners = module.select_seeds(data.unlabeled_images, ctx.config.exemplar.num_seeds,
+                                       patch, np.random.default_rng(ctx.config.seed))
+  seeds = data.unlabeled_images[index]
+  return (seeds, module.seed_centers(corners, patch, seeds.shape[1:3]),
+          "seeds drawn again as the method draws them (no checkpoint yet)")
+
+
+def exemplar_patches(ctx: Context) -> list:
+  """Exemplar-CNN surrogate classes: seed patches and random transformations of each."""
+  if ctx.config.method != 'exemplar_cnn':
+    raise Skip(f'only exemplar_cnn runs train on surrogate patches; this is a '
+               f'{ctx.config.method} run')
+  module = ctx.module
+  render = getattr(module, 'surrogate_batch', None)
+  if render is None or not hasattr(module, 'patch_size'):
+    raise Skip('sslj.methods.exemplar_cnn exposes no public surrogate_batch / patch_size '
+               'function to draw surrogate patches with')
+  data = ctx.need_data()
+  seeds, centers, source = _exemplar_seeds(ctx, module, data)
+  patch = module.patch_size(ctx.config, data)
+  spec = dataclasses.replace(augment.AugmentSpec.from_config(ctx.config.augment), out_size=patch)
+  draw = jax.jit(functools.partial(render, batch=EXEMPLAR_TRANSFORMS, spec=spec))
+  rng = np.random.default_rng(ctx.options.seed)
+  chosen = rng.choice(len(seeds), min(EXEMPLAR_SEEDS, len(seeds)), replace=False)
+  key = jax.random.key(ctx.options.seed)
+  rows, framed = [], []
+  h, w = seeds.shape[1:3]
+  for r, i in enumerate(chosen):
+    top, left = np.round(centers[i] + (np.array([h, w]) - 1) / 2 - (patch - 1) / 2).astype(int)
+    original = seeds[i, top:top + patch, left:left + patch].astype(np.float32) / 255
+    patches = np.asarray(draw(seeds[i:i + 1], centers[i:i + 1], jax.random.fold_in(key, r))[0])
+    framed.append(len(rows) * (EXEMPLAR_TRANSFORMS + 1))
+    rows.append(np.concatenate([original[None], patches]))
+  tiles = np.concatenate(rows)
+  grid = grids.tile(tiles, cols=EXEMPLAR_TRANSFORMS + 1, zoom=grids.zoom_for((patch, patch),
+                                                                           IMAGE_PX),
+                    framed=tuple(framed))
+  return [Picture(
+      'exemplar_patches', 'exemplar_patches.png', 'Exemplar-CNN surrogate classes',
+      f'{len(chosen)} of the {len(seeds)} surrogate classes, one per row: the {patch}x{patch} '
+      f'seed patch (framed in red) and {EXEMPLAR_TRANSFORMS} of its random transformations '
+      f'({_describe(spec)}), drawn with sslj.methods.exemplar_cnn.surrogate_batch as in training.',
+      source, grids.save_png(_path(ctx, 'exemplar_patches'), grid), crisp=True)]
+
+
+def method_pictures(ctx: Context) -> list:
+  """The method module's own `pictures(state, config, data)` hook (e.g. GAN samples)."""
+  hook = getattr(ctx.module, 'pictures', None)
+  name = ctx.module.__name__
+  if hook is None:
+    raise Skip(f'{name} defines no pictures(state, config, data) hook (a GAN method draws '
+               'its generated samples there)')
+  run = ctx.need_run()
+  made = hook(run.state, ctx.config, run.data)
+  if not isinstance(made, collections.abc.Mapping):
+    raise TypeError(f'{name}.pictures returned {type(made).__name__}, not a dict of '
+                    '{name: uint8 image}')
+  out = []
+  for key, value in made.items():
+    stem = f"{ctx.config.method}_{re.sub(r'[^A-Za-z0-9_-]+', '_', str(key))}"
+    caption = f'{key}, drawn by {name}.pictures from the restored state.'
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str):
+      value, caption = value
+    try:
+      image = np.asarray(value)
+      if image.dtype != np.uint8 or image.ndim not in (2, 3):
+        raise ValueError(f'expected a uint8 [H, W] or [H, W, C] image, got {image.dtype} '
+                         f'{image.shape}')
+      big = grids.upscale(image if image.ndim == 3 else image[..., None], HOOK_MIN_WIDTH)
+      size = grids.save_png(_path(ctx, stem), big)
+    except ValueError as e:
+      out.append(Skipped(stem, str(key), f'{name}.pictures gave a bad picture: {e}'))
+      continue
+    out.append(Picture(stem, f'{stem}.png', str(key), caption, ctx.checkpoint_source(), size,
+                       crisp=True))
+  if not out:
+    raise Skip(f'{name}.pictures returned no pictures')
+  return out
