@@ -97,6 +97,9 @@ def base_config(method: str, args: ml_collections.ConfigDict) -> ml_collections.
   c.model = ml_collections.ConfigDict()
   c.model.name = args.model
   c.model.dtype = 'float32'  # compute dtype; parameters stay float32
+  # > 0 sets the dropout before the head of small_cnn / convlarge; 0 keeps the
+  # model's own default (none for small_cnn, the paper's 0.5 for convlarge).
+  c.model.dropout_rate = 0.0
 
   c.augment = augment_for(args.dataset)
 

@@ -131,3 +131,12 @@ def test_train_step_is_traced_once(tmp_path, data_dir, monkeypatch):
   config = tiny_config(**{'data.data_dir': data_dir})
   train.train_and_evaluate(config, str(tmp_path))
   assert len(traces) == 1
+
+
+def test_model_dropout_rate_reaches_the_model():
+  from sslj.errors import UserError
+  from sslj.methods import network
+  assert network.build_model(tiny_config(**{'model.dropout_rate': 0.5}), 10).dropout_rate == 0.5
+  assert network.build_model(tiny_config(), 10).dropout_rate == 0.0
+  with pytest.raises(UserError, match='resnet18'):
+    network.build_model(tiny_config(**{'model.name': 'resnet18', 'model.dropout_rate': 0.5}), 10)

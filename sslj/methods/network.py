@@ -24,8 +24,11 @@ def compute_dtype(name: str):
 
 
 def build_model(config, num_classes: int, num_heads: int = 1):
+  # Only passed when set, so models without dropout keep working and a model
+  # that cannot take it says so in one line.
+  extra = {'dropout_rate': config.model.dropout_rate} if config.model.get('dropout_rate') else {}
   return models.build(config.model.name, num_classes=num_classes,
-                      dtype=compute_dtype(config.model.dtype), num_heads=num_heads)
+                      dtype=compute_dtype(config.model.dtype), num_heads=num_heads, **extra)
 
 
 def init_variables(model, key, image_shape, spec: augment.AugmentSpec):
