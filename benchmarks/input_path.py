@@ -49,11 +49,7 @@ def measure(config, steps: int) -> dict:
   num_steps = train.num_steps_for(config, module, data)
   method = module.build(config, data, num_steps)
   mesh = parallel.make_mesh()
-  train_data = train.TrainData(
-      labeled=parallel.put_resident(data.labeled_images, mesh),
-      labels=parallel.to_global(data.labeled_labels, parallel.replicated(mesh)),
-      unlabeled=(parallel.put_resident(data.unlabeled_images, mesh)
-                 if method.unlabeled_batch else None))
+  train_data = train.put_train_data(data, method, mesh)
   init_key, base_key = jax.random.split(jax.random.key(config.seed))
   sampler = functools.partial(train.sample_batch, mesh=mesh, labeled_batch=method.labeled_batch,
                               unlabeled_batch=method.unlabeled_batch)

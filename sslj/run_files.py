@@ -19,7 +19,7 @@ _RUN_CONTROL = ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints
                 'eval_batch_size', 'data.data_dir', 'data.manual_dir')
 
 
-def _atomic_write_json(path: str, value) -> None:
+def atomic_write_json(path: str, value) -> None:
   tmp = f'{path}.tmp{os.getpid()}'
   with open(tmp, 'w') as f:
     json.dump(value, f, indent=2, sort_keys=True)
@@ -66,12 +66,12 @@ def claim_workdir(workdir: str, config) -> None:
           f'{b.get(key)!r} now{", and %d more" % (len(differ) - 1) if len(differ) > 1 else ""}); '
           'use a new --workdir or the same config.')
   elif jax.process_index() == 0:
-    _atomic_write_json(path, current)
+    atomic_write_json(path, current)
 
 
 def record_wall_time(workdir: str, step: int, wall_s: float) -> None:
   if jax.process_index() == 0:
-    _atomic_write_json(os.path.join(workdir, 'wall_time.json'),
+    atomic_write_json(os.path.join(workdir, 'wall_time.json'),
                        {'step': step, 'wall_s': wall_s})
 
 
@@ -85,4 +85,4 @@ def wall_time_at(workdir: str, step: int) -> float:
 
 def write_results(workdir: str, results: dict) -> None:
   if jax.process_index() == 0:
-    _atomic_write_json(os.path.join(workdir, 'results.json'), results)
+    atomic_write_json(os.path.join(workdir, 'results.json'), results)

@@ -11,8 +11,6 @@ and noise an uninterrupted run would have.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import signal
 import time
 
@@ -34,6 +32,19 @@ class TrainData:
   labeled: parallel.ResidentImages
   labels: jax.Array
   unlabeled: parallel.ResidentImages | None
+
+
+def put_train_data(data, method: base.Method, mesh) -> TrainData:
+  """Copies the run's training images to the devices, once.
+
+  The unlabeled pool goes only to methods that sample from it.
+  """
+  return TrainData(
+      labeled=parallel.put_resident(data.labeled_images, mesh),
+      labels=parallel.to_global(data.labeled_labels.astype(np.int32),
+                                parallel.replicated(mesh)),
+      unlabeled=(parallel.put_resident(data.unlabeled_images, mesh)
+                 if method.unlabeled_batch else None))
 
 
 def sample_batch(data: TrainData, key, *, mesh, labeled_batch: int,
@@ -161,11 +172,7 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
 
   mesh = parallel.make_mesh()
   replicated = parallel.replicated(mesh)
-  train_data = TrainData(
-      labeled=parallel.put_resident(data.labeled_images, mesh),
-      labels=parallel.to_global(data.labeled_labels.astype(np.int32), replicated),
-      unlabeled=(parallel.put_resident(data.unlabeled_images, mesh)
-                 if method.unlabeled_batch else None))
+  train_data = put_train_data(data, method, mesh)
   init_key, base_key = jax.random.split(jax.random.key(config.seed))
   state = jax.jit(method.init, out_shardings=replicated)(init_key)
 

@@ -41,10 +41,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sslj.errors import UserError
+from sslj.ops import point_layout
 
 # GPUs run float32 matmuls in TF32 by default; its 10-bit mantissa moves
 # nearest-centroid decisions, so every distance matmul asks for full float32.
@@ -65,49 +65,6 @@ class KMeansResult(NamedTuple):
   centroids: jax.Array
   assignments: jax.Array
   inertia: jax.Array
-
-
-class _Layout(NamedTuple):
-  """n points over `devices` shards of `rows` each, cut into chunks."""
-  n: int
-  devices: int
-  rows: int  # per device, including the rows that pad n to the devices
-  num_chunks: int
-  chunk: int
-
-
-def _layout(n: int, devices: int, chunk_size: int) -> _Layout:
-  rows = -(-n // devices)
-  # Spread the rows evenly over the chunks so that the local padding stays
-  # below 8 rows per chunk instead of up to a whole chunk.
-  num_chunks = max(1, -(-rows // chunk_size))
-  chunk = -(-rows // num_chunks)
-  return _Layout(n, devices, rows, num_chunks, -(-chunk // 8) * 8)
-
-
-def _reducer(axis_name):
-  return lambda v: v if axis_name is None else jax.lax.psum(v, axis_name)
-
-
-def _start(layout, axis_name):
-  """Global index of this device's first row."""
-  return 0 if axis_name is None else jax.lax.axis_index(axis_name) * layout.rows
-
-
-def _local_mask(layout, length, axis_name):
-  """1 for this device's rows that are real points, 0 for padding."""
-  idx = jnp.arange(length)
-  return ((idx < layout.rows) & (_start(layout, axis_name) + idx < layout.n)
-         ).astype(jnp.float32)
-
-
-def _local_rows(x, layout, axis_name, shift):
-  """Shifted rows padded with zeros to whole chunks, their norms and mask."""
-  length = layout.num_chunks * layout.chunk
-  w = _local_mask(layout, length, axis_name)
-  # Centring (see the module docstring); padding rows stay exactly zero.
-  x = (jnp.pad(x, ((0, length - x.shape[0]), (0, 0))) - shift) * w[:, None]
-  return x, jnp.sum(x * x, axis=1), w
 
 
 def _nearest(xc, xsqc, neg2c, csq):
@@ -199,11 +156,11 @@ def _split_empty(centroids, counts, key, shift):
 
 def _lloyd_local(x, centroids, num_iters, key, *, layout, axis_name):
   """Lloyd iterations on this device's rows; reductions over `axis_name`."""
-  reduce = _reducer(axis_name)
+  reduce = point_layout.reducer(axis_name)
   rows = x.shape[0]
-  shift = reduce(jnp.sum(x * _local_mask(layout, rows, axis_name)[:, None],
-                         axis=0)) / layout.n
-  x, xsq, w = _local_rows(x, layout, axis_name, shift)
+  mask = point_layout.local_mask(layout, rows, axis_name)
+  shift = reduce(jnp.sum(x * mask[:, None], axis=0)) / layout.n
+  x, xsq, w = point_layout.local_rows(x, layout, axis_name, shift)
 
   def step(i, c):
     _, (sums, counts) = _pass(x, xsq, w, c, layout, update=True)
@@ -221,26 +178,18 @@ def _lloyd_local(x, centroids, num_iters, key, *, layout, axis_name):
 
 def _assign_local(x, centroids, *, layout, axis_name):
   rows, shift = x.shape[0], jnp.mean(centroids, axis=0)
-  x, xsq, w = _local_rows(x, layout, axis_name, shift)
+  x, xsq, w = point_layout.local_rows(x, layout, axis_name, shift)
   labels, dist = _pass(x, xsq, w, centroids - shift, layout, update=False)
   return labels[:rows], dist[:rows]
 
 
-def _gather_rows(x, idx, layout, axis_name):
-  """Rows `idx` (global indices) of the sharded points, on every device."""
-  local = idx - _start(layout, axis_name)
-  inside = (local >= 0) & (local < x.shape[0])
-  rows = jnp.where(inside[..., None], x[jnp.clip(local, 0, x.shape[0] - 1)], 0)
-  return _reducer(axis_name)(rows)
-
-
 def _kmeanspp_local(x, key, *, num_clusters, layout, axis_name):
   """k-means++ D^2 seeding over sharded rows (one candidate per step)."""
-  reduce = _reducer(axis_name)
-  w = _local_mask(layout, x.shape[0], axis_name)
+  reduce = point_layout.reducer(axis_name)
+  w = point_layout.local_mask(layout, x.shape[0], axis_name)
   first_key, key = jax.random.split(key)
-  first = _gather_rows(x, jax.random.randint(first_key, (), 0, layout.n),
-                       layout, axis_name)
+  first = point_layout.gather_rows(
+      x, jax.random.randint(first_key, (), 0, layout.n), layout, axis_name)
   centroids = jnp.zeros((num_clusters, x.shape[1]), x.dtype).at[0].set(first)
   # Direct differences: O(n d) per step like the matmul form, and exactly 0
   # for points equal to a centroid, which must never be picked again.
@@ -266,8 +215,8 @@ def _kmeanspp_local(x, key, *, num_clusters, layout, axis_name):
         _last_positive(d2))
     new = reduce(jnp.where(me == owner, x[local], 0))
     # If every point is already a centroid (duplicates), pick uniformly.
-    fallback = _gather_rows(x, jax.random.randint(k_uniform, (), 0, layout.n),
-                            layout, axis_name)
+    fallback = point_layout.gather_rows(
+        x, jax.random.randint(k_uniform, (), 0, layout.n), layout, axis_name)
     new = jnp.where(ends[-1] > 0, new, fallback)
     return c.at[i].set(new), jnp.minimum(d2, jnp.sum((x - new) ** 2, 1) * w)
 
@@ -281,66 +230,36 @@ def _last_positive(v):
 
 def _random_local(x, key, *, num_clusters, layout, axis_name):
   idx = jax.random.choice(key, layout.n, (num_clusters,), replace=False)
-  return _gather_rows(x, idx, layout, axis_name)  # distinct rows
-
-
-def _on_mesh(local, mesh, in_specs, out_specs):
-  """`local` over the points' shards, or as it is without a mesh."""
-  if mesh is None:
-    return functools.partial(local, axis_name=None)
-  return jax.shard_map(functools.partial(local, axis_name='data'), mesh=mesh,
-                       in_specs=in_specs, out_specs=out_specs)
-
-
-def _constrain(x, mesh, spec):
-  if mesh is None:
-    return x
-  sharding = NamedSharding(mesh, spec)
-  if dict(zip(mesh.axis_names, mesh.axis_types))['data'] == AxisType.Explicit:
-    return jax.reshard(x, sharding)
-  return jax.lax.with_sharding_constraint(x, sharding)
-
-
-def _shard_points(x, layout, mesh):
-  """Pads n to a multiple of the devices and shards the rows over `data`."""
-  rows = layout.devices * layout.rows
-  if x.shape[0] != rows:
-    x = jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
-  return _constrain(x, mesh, P('data'))
-
-
-def _unpad(v, layout, mesh):
-  # Replicated, so that every host can read all assignments (DeepCluster
-  # turns them into pseudo-labels); n values are small next to the points.
-  return _constrain(v, mesh, P())[:layout.n]
+  return point_layout.gather_rows(x, idx, layout, axis_name)  # distinct rows
 
 
 @functools.partial(jax.jit, static_argnames=('layout', 'mesh'))
 def _lloyd(x, centroids, num_iters, key, *, layout, mesh):
-  local = _on_mesh(functools.partial(_lloyd_local, layout=layout), mesh,
-                   (P('data'), P(), P(), P()), (P(), P('data'), P()))
-  centroids, labels, inertia = local(_shard_points(x, layout, mesh),
-                                     _constrain(centroids, mesh, P()),
+  local = point_layout.on_mesh(functools.partial(_lloyd_local, layout=layout), mesh,
+                               (P('data'), P(), P(), P()), (P(), P('data'), P()))
+  centroids, labels, inertia = local(point_layout.shard_points(x, layout, mesh),
+                                     point_layout.constrain(centroids, mesh, P()),
                                      num_iters, key)
-  return centroids, _unpad(labels, layout, mesh), inertia
+  return centroids, point_layout.unpad(labels, layout, mesh), inertia
 
 
 @functools.partial(jax.jit, static_argnames=('layout', 'mesh'))
 def _assign(x, centroids, *, layout, mesh):
-  local = _on_mesh(functools.partial(_assign_local, layout=layout), mesh,
-                   (P('data'), P()), (P('data'), P('data')))
-  labels, dist = local(_shard_points(x, layout, mesh),
-                       _constrain(centroids, mesh, P()))
-  return _unpad(labels, layout, mesh), _unpad(dist, layout, mesh)
+  local = point_layout.on_mesh(functools.partial(_assign_local, layout=layout), mesh,
+                               (P('data'), P()), (P('data'), P('data')))
+  labels, dist = local(point_layout.shard_points(x, layout, mesh),
+                       point_layout.constrain(centroids, mesh, P()))
+  return point_layout.unpad(labels, layout, mesh), point_layout.unpad(dist, layout, mesh)
 
 
 @functools.partial(jax.jit,
                    static_argnames=('num_clusters', 'method', 'layout', 'mesh'))
 def _init(x, key, *, num_clusters, method, layout, mesh):
   fn = _kmeanspp_local if method == 'k-means++' else _random_local
-  local = _on_mesh(functools.partial(fn, num_clusters=num_clusters,
-                                     layout=layout), mesh, (P('data'), P()), P())
-  return local(_shard_points(x, layout, mesh), key)
+  local = point_layout.on_mesh(
+      functools.partial(fn, num_clusters=num_clusters, layout=layout), mesh,
+      (P('data'), P()), P())
+  return local(point_layout.shard_points(x, layout, mesh), key)
 
 
 def init_centroids(x, num_clusters: int, *, key, method: str = 'k-means++',
@@ -356,8 +275,8 @@ def init_centroids(x, num_clusters: int, *, key, method: str = 'k-means++',
                     "'random' or an array of initial centroids")
   x = _as_points(x)
   _check_counts(x.shape[0], num_clusters)
-  layout = _checked_layout(x.shape[0], mesh, x.shape[0], num_clusters)
-  return _init(_place(x, layout, mesh), key, num_clusters=num_clusters,
+  layout = point_layout.checked_layout(x.shape[0], mesh, x.shape[0], num_clusters)
+  return _init(point_layout.place(x, layout, mesh), key, num_clusters=num_clusters,
                method=method, layout=layout, mesh=mesh)
 
 
@@ -375,7 +294,7 @@ def kmeans(x, num_clusters: int, *, num_iters: int, key,
     key: PRNG key for the initialisation and the empty-cluster splits.
     init: 'k-means++', 'random', or an array [k, d] of initial centroids.
     chunk_size: rows per distance block (memory: chunk_size x k floats);
-      None picks one by backend and k (see `_default_chunk`).
+      None picks one by backend and k (see `point_layout.default_chunk`).
     mesh: optional `jax.sharding.Mesh` with a `data` axis; points are sharded
       over it, centroids replicated. n need not divide the device count.
 
@@ -387,7 +306,7 @@ def kmeans(x, num_clusters: int, *, num_iters: int, key,
   _check_counts(n, num_clusters)
   if int(num_iters) < 0:
     raise UserError(f'num_iters must be >= 0, got {num_iters}')
-  layout = _checked_layout(n, mesh, chunk_size, num_clusters)
+  layout = point_layout.checked_layout(n, mesh, chunk_size, num_clusters)
   init_key, split_key = jax.random.split(key)
   if isinstance(init, str):
     centroids = init_centroids(x, num_clusters, key=init_key, method=init,
@@ -398,7 +317,7 @@ def kmeans(x, num_clusters: int, *, num_iters: int, key,
       raise UserError(f'initial centroids have shape {centroids.shape}, '
                       f'expected ({num_clusters}, {d})')
   centroids, labels, inertia = _lloyd(
-      _place(x, layout, mesh), centroids, jnp.int32(num_iters), split_key,
+      point_layout.place(x, layout, mesh), centroids, jnp.int32(num_iters), split_key,
       layout=layout, mesh=mesh)
   return KMeansResult(centroids, labels, inertia)
 
@@ -414,8 +333,8 @@ def assign(x, centroids, chunk_size: int | None = None, *, mesh=None):
   if centroids.ndim != 2 or centroids.shape[1] != x.shape[1]:
     raise UserError(f'centroids have shape {centroids.shape}; expected '
                     f'[k, {x.shape[1]}] to match the points')
-  layout = _checked_layout(x.shape[0], mesh, chunk_size, centroids.shape[0])
-  return _assign(_place(x, layout, mesh), centroids, layout=layout, mesh=mesh)
+  layout = point_layout.checked_layout(x.shape[0], mesh, chunk_size, centroids.shape[0])
+  return _assign(point_layout.place(x, layout, mesh), centroids, layout=layout, mesh=mesh)
 
 
 def _as_points(x):
@@ -430,35 +349,3 @@ def _check_counts(n, num_clusters):
   if not 1 <= num_clusters <= n:
     raise UserError(f'num_clusters must be between 1 and the number of points '
                     f'({n}), got {num_clusters}')
-
-
-def _default_chunk(num_clusters):
-  """Rows per chunk when the caller gives none.
-
-  On CPU, chunks of about 2^19 scores (2 MB) were fastest (2,048 rows for
-  k = 256, 512 for k = 1,024, of 512 to 8,192 tried). Accelerators want large
-  matmuls: 2^26 scores (256 MB), not measured.
-  """
-  if jax.default_backend() == 'cpu':
-    return max(128, 2**19 // num_clusters)
-  return max(1024, 2**26 // num_clusters)
-
-
-def _checked_layout(n, mesh, chunk_size, num_clusters):
-  if chunk_size is None:
-    chunk_size = _default_chunk(num_clusters)
-  if int(chunk_size) < 1:
-    raise UserError(f'chunk_size must be >= 1, got {chunk_size}')
-  if mesh is not None and 'data' not in mesh.axis_names:
-    raise UserError(f"k-means mesh needs a 'data' axis, got axes "
-                    f'{mesh.axis_names}')
-  return _layout(n, 1 if mesh is None else mesh.shape['data'], int(chunk_size))
-
-
-def _place(x, layout, mesh):
-  """Host arrays for a mesh are padded on the host and sent to their shards
-  (no whole copy on one device); the rest is padded inside the jit."""
-  if mesh is None or isinstance(x, jax.Array):
-    return x
-  x = np.pad(x, ((0, layout.devices * layout.rows - layout.n), (0, 0)))
-  return jax.device_put(x, NamedSharding(mesh, P('data')))

@@ -93,7 +93,7 @@ def evaluate(workdir: str, *, step: int | None = None, split: str = 'test',
   # Private helper of run_files: the same atomic, process-0-only JSON write
   # as results.json gets.
   if jax.process_index() == 0:
-    run_files._atomic_write_json(os.path.join(run.workdir, EVAL_FILE), record)  # pylint: disable=protected-access
+    run_files.atomic_write_json(os.path.join(run.workdir, EVAL_FILE), record)
   logging.info('Evaluated step %d on %s/%s.', run.step, evaluated.dataset, split)
   return record
 
