@@ -62,7 +62,7 @@ def augment_for(dataset: str) -> ml_collections.ConfigDict:
       flip=False, rotate_deg=0.0, translate=0.0, scale=(1.0, 1.0),
       crop_scale=config_dict.placeholder(tuple), crop_ratio=(3 / 4, 4 / 3),
       brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
-      out_size=config_dict.placeholder(int), pad_crop=0))
+      out_size=config_dict.placeholder(int), pad_crop=0, noise_std=0.0))
   if dataset == 'digits':
     aug.pad_crop = 1
   elif dataset == 'fashion_mnist':

@@ -307,3 +307,21 @@ def test_normalize():
   mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
   np.testing.assert_allclose(augment.normalize(x, mean, std),
                              (x - np.float32(mean)) / np.float32(std), rtol=1e-6)
+
+
+def test_input_noise_is_added_to_the_normalised_augmented_image():
+  from sslj.methods import network
+  images = _images(b=64, h=8, w=8, c=1)
+  mean, std = np.float32([0.5]), np.float32([0.25])
+  clean = network.Preprocess(AugmentSpec(pad_crop=1), mean, std)
+  noisy = network.Preprocess(AugmentSpec(pad_crop=1, noise_std=0.15), mean, std)
+  key = jax.random.key(7)
+  a = np.asarray(jax.jit(clean.train)(images, key))
+  b = np.asarray(jax.jit(noisy.train)(images, key))
+  # Same augmentation draws; the difference is N(0, 0.15^2) per value.
+  diff = b - a
+  assert abs(diff.mean()) < 0.01 and abs(diff.std() - 0.15) < 0.005
+  assert not np.array_equal(b, np.asarray(jax.jit(noisy.train)(images, jax.random.key(8))))
+  np.testing.assert_array_equal(noisy.eval(images), clean.eval(images))
+  with pytest.raises(UserError):
+    AugmentSpec(noise_std=-0.1)

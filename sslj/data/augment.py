@@ -76,6 +76,9 @@ class AugmentSpec:
     fill_mode: what lies outside the image: 'symmetric' (mirror about the
       border, as reflect-padded crops do; no artificial edges), 'edge'
       (repeat the border pixel) or 'constant' (zero).
+    noise_std: std of Gaussian noise added to the *normalised* input (the
+      input noise of the Pi-model, Temporal Ensembling and Mean Teacher:
+      0.15); applied by the methods' preprocessing, not by `augment_batch`.
   Saturation and hue are skipped for images without 3 channels, so one spec
   serves grey and colour datasets alike.
   """
@@ -92,6 +95,7 @@ class AugmentSpec:
   out_size: int | None = None
   pad_crop: int = 0
   fill_mode: str = 'symmetric'
+  noise_std: float = 0.0
 
   def __post_init__(self):
     # Lists from configs become tuples, keeping the spec hashable for jit.
@@ -104,7 +108,7 @@ class AugmentSpec:
                           'with low <= high')
         object.__setattr__(self, name, value)
     for name in ('rotate_deg', 'translate', 'brightness', 'contrast',
-                 'saturation', 'hue'):
+                 'saturation', 'hue', 'noise_std'):
       if not getattr(self, name) >= 0:
         raise UserError(f'augment.{name}={getattr(self, name)}: must be >= 0')
     checks = [

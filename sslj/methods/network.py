@@ -44,8 +44,10 @@ def init_variables(model, key, image_shape, spec: augment.AugmentSpec):
 class Preprocess:
   """uint8 images -> normalised float inputs, augmented in training.
 
-  `train(images, key)` draws the configured augmentation per example; `eval`
-  only resizes (when configured) and normalises, as the model was trained.
+  `train(images, key)` draws the configured augmentation per example and,
+  with `spec.noise_std > 0`, adds Gaussian noise to the normalised input;
+  `eval` only resizes (when configured) and normalises, as the model was
+  trained.
   """
 
   def __init__(self, spec: augment.AugmentSpec, mean: np.ndarray, std: np.ndarray):
@@ -55,7 +57,13 @@ class Preprocess:
     self._eval_spec = augment.AugmentSpec(out_size=spec.out_size)
 
   def train(self, images, key):
-    return augment.normalize(augment.augment_batch(images, key, self.spec), self.mean, self.std)
+    x = augment.normalize(augment.augment_batch(images, key, self.spec), self.mean, self.std)
+    if self.spec.noise_std > 0:
+      # A key derived from, not split off, `key`: the augmentation draws stay
+      # the same whether or not noise is on.
+      noise = jax.random.normal(jax.random.fold_in(key, 1), x.shape, x.dtype)
+      x = x + self.spec.noise_std * noise
+    return x
 
   def eval(self, images):
     # The eval spec draws nothing random, so any key gives the same output.

@@ -1,6 +1,6 @@
 """The 13-layer "ConvLarge" CNN of Temporal Ensembling and Mean Teacher.
 
-  input noise N(0, 0.15^2)                 (train only, 'noise' rng)
+  [input noise N(0, 0.15^2) in training: config.augment.noise_std]
   3 x [conv 128 3x3 same, BN, LeakyReLU 0.1]
   max-pool 2x2/2, dropout 0.5
   3 x [conv 256 3x3 same, BN, LeakyReLU 0.1]
@@ -26,7 +26,6 @@ import functools
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from sslj.models.heads import classifier_heads
@@ -38,17 +37,16 @@ class ConvLarge(nn.Module):
   Attributes:
     num_classes: logits per head.
     num_heads: linear heads on the shared features (2 for Mean Teacher).
-    input_noise_std: std of the additive Gaussian input noise in training
-      (0.15 in both papers, on whitened/normalised inputs); 0 turns it off.
     dropout_rate: dropout after each pooling (0.5 in the papers).
     dtype: compute dtype; parameters stay float32.
 
-  When train=True, `apply` needs rngs 'dropout' (if dropout_rate > 0) and
-  'noise' (if input_noise_std > 0).
+  When train=True, `apply` needs the 'dropout' rng (if dropout_rate > 0). The
+  papers' Gaussian input noise is not a layer here: it is the preprocessing's
+  `augment.noise_std`, so every model can use it (the same noise on the
+  normalised input).
   """
   num_classes: int
   num_heads: int = 1
-  input_noise_std: float = 0.15
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
 
@@ -64,13 +62,7 @@ class ConvLarge(nn.Module):
       y = conv(features, (kernel, kernel), padding=padding)(y)
       return nn.leaky_relu(norm()(y), negative_slope=0.1)
 
-    x = jnp.asarray(x, jnp.float32)
-    if train and self.input_noise_std > 0:
-      # Noise is drawn in float32 before the cast so bf16 runs see the same
-      # noise distribution.
-      noise = jax.random.normal(self.make_rng('noise'), x.shape, jnp.float32)
-      x = x + self.input_noise_std * noise
-    x = x.astype(self.dtype)
+    x = jnp.asarray(x, self.dtype)
 
     for features in (128, 256):
       for _ in range(3):
