@@ -137,7 +137,8 @@ def restore(workdir: str, step: int | None = None, *, need_network: bool = False
   # Checked before constructing the Checkpointer, which would create the folder.
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise UserError(f'{workdir} has no checkpoint yet: train it first (--mode=train).')
-  ckpt = checkpoint.Checkpointer(workdir, every=0, keep=config.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(workdir, every=0, keep=config.keep_checkpoints,
+                                 read_only=True)
   try:
     step = checkpoint_step(ckpt, step, workdir)
     arrays, data = load_data(config)
