@@ -32,11 +32,22 @@ def initialize_distributed(coordinator_address: str | None,
   detects; a single process needs no set-up at all.
   """
   if coordinator_address:
+    if jax.config.jax_platforms in (None, '', 'cpu') and not _has_accelerator_plugin():
+      # CPU processes exchange collectives over gloo (TCP); without it a
+      # CPU-only multi-process run cannot reduce across processes.
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes,
                                process_id=process_id)
     logging.info('Process %d of %d joined %s.', jax.process_index(),
                  jax.process_count(), coordinator_address)
+
+
+def _has_accelerator_plugin() -> bool:
+  """Whether a GPU/TPU plugin is installed (checked without starting a backend)."""
+  import importlib.util
+  return any(importlib.util.find_spec(name) is not None
+             for name in ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu'))
 
 
 def make_mesh() -> jax.sharding.Mesh:
