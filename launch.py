@@ -16,9 +16,7 @@ checkpoint. Use a run (its config comes from DIR/config.json):
 Config files are Python and run as code: only use ones you trust.
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/supervised.py[:key=value,...].')

@@ -9,6 +9,8 @@ On `fashion_mnist` (all labels, 6,000 steps of 128) about 90%.
 
 Presets (config string):
   configs/supervised.py:dataset=fashion_mnist,labels_per_class=10
+  configs/supervised.py:labels_per_class=5,model=dcgan_discriminator
+    the baseline of configs/ssl_gan.py: its discriminator, Adam lr 3e-4 beta1 0.5.
   configs/supervised.py:dataset=stl10,labels_per_class=64,model=resnet152
     the reports' baseline: SGD, 90 epochs, batch 32, images resized to 224.
 """
@@ -32,6 +34,12 @@ def get_config(arg=None):
     config.log_every = 200
     config.eval_every = 1000
     config.checkpoint_every = 1000
+
+  if args.model == 'dcgan_discriminator':
+    # The semi-supervised GAN's classifier trained on the labels alone, with
+    # the GAN's optimiser (configs/ssl_gan.py): the baseline it must beat.
+    config.optimizer.update(name='adam', learning_rate=3e-4, b1=0.5, b2=0.999,
+                            weight_decay=0.0, schedule='cosine')
 
   if args.model.startswith('resnet') and (args.dataset == 'stl10' or args.dataset.startswith('image_folder')):
     # The reports' ResNet-152 baseline: SGD, 90 epochs, batch 32.

@@ -47,15 +47,24 @@ def put_train_data(data, method: base.Method, mesh) -> TrainData:
                  if method.unlabeled_batch else None))
 
 
-def sample_batch(data: TrainData, key, *, mesh, labeled_batch: int,
-                 unlabeled_batch: int) -> base.Batch:
-  """Draws a batch on the devices: uniform indices, then a sharded gather."""
+def sample_batch(data: TrainData, key, state=None, *, mesh, labeled_batch: int,
+                 unlabeled_batch: int, sample_unlabeled=None) -> base.Batch:
+  """Draws a batch on the devices: uniform indices, then a sharded gather.
+
+  With `sample_unlabeled` (`Method.sample_unlabeled`), the unlabeled indices
+  are the method's draw from `state` instead, and join the batch.
+  """
   labeled_key, unlabeled_key = jax.random.split(key)
   batch = {}
   if labeled_batch:
     batch['labeled_images'], batch['labels'] = parallel.sample_rows(
         mesh, data.labeled, labeled_key, labeled_batch, data.labels)
-  if unlabeled_batch:
+  if unlabeled_batch and sample_unlabeled is not None:
+    idx = sample_unlabeled(state, unlabeled_key, unlabeled_batch)
+    batch['unlabeled_images'] = parallel.gather_rows(mesh, data.unlabeled.images, idx)
+    batch['unlabeled_indices'] = jax.lax.with_sharding_constraint(
+        idx, parallel.batch_sharded(mesh))
+  elif unlabeled_batch:
     batch['unlabeled_images'], _ = parallel.sample_rows(
         mesh, data.unlabeled, unlabeled_key, unlabeled_batch)
   return batch
@@ -69,7 +78,7 @@ def sampled_step(state, first_bad, data, base_key, *, method_step, sampler):
   """
   step = state.step
   sample_key, step_key = jax.random.split(jax.random.fold_in(base_key, step))
-  batch = sampler(data, sample_key)
+  batch = sampler(data, sample_key, state)
   state, metrics = method_step(state, batch, step_key)
   finite = jnp.isfinite(metrics['loss'])
   first_bad = jnp.where((first_bad < 0) & ~finite, step, first_bad)
@@ -184,7 +193,8 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
   wall_before = run_files.wall_time_at(workdir, start_step)
 
   sampler = functools.partial(sample_batch, mesh=mesh, labeled_batch=method.labeled_batch,
-                              unlabeled_batch=method.unlabeled_batch)
+                              unlabeled_batch=method.unlabeled_batch,
+                              sample_unlabeled=method.sample_unlabeled)
   step_fn = jax.jit(functools.partial(sampled_step, method_step=method.train_step,
                                       sampler=sampler),
                     donate_argnums=(0, 1))
@@ -208,6 +218,8 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
     book.write(step, {f'eval/{m}/{k}': v for m, s in scores.items() for k, v in s.items()})
     logging.info('eval at step %d: %s', step, ', '.join(
         f"{m} top1 {s['top1']:.2f}% top5 {s['top5']:.2f}%" for m, s in scores.items()))
+    if method.on_eval is not None and jax.process_index() == 0:
+      method.on_eval(state, step, workdir)
     return scores
 
   def save(step, force=False):
@@ -228,6 +240,8 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
         check_finite()
         scalars = jax.device_get(metrics)
         scalars.update(book.progress(done, scalars))
+        if method.on_log is not None:
+          scalars.update(method.on_log(done, scalars))
         book.write(done, {f'train/{k}': v for k, v in scalars.items()})
       if config.eval_every > 0 and done % config.eval_every == 0 and done < num_steps:
         run_eval(done)

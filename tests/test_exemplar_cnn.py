@@ -14,6 +14,7 @@ from sslj.data import augment
 from sslj.errors import UserError
 from sslj.methods import exemplar_cnn as ex
 from sslj.models import exemplar
+from sslj.use import evaluate
 
 _SPEC = augment.AugmentSpec(rotate_deg=20.0, translate=0.1, scale=(0.7, 1.4), brightness=0.1,
                             contrast=0.5, saturation=0.5, hue=0.1, out_size=8)
@@ -145,6 +146,11 @@ def test_tiny_run_scores_the_trained_and_random_network(tmp_path, data_dir):
   final = [l for l in lines if 'eval/exemplar_svm/top1' in l]
   assert [l['step'] for l in final] == [12]
   assert all(np.isfinite(l['train/loss']) for l in lines if 'train/loss' in l)
+  # --mode=probe: the network rebuilt for its 8x8 patches, its pooled features probed.
+  record = evaluate.evaluate(str(tmp_path), with_probes=True)
+  assert record['models'] == written['models']
+  assert record['probes']['feature_dim'] == 4 * (64 + 64 + 128)
+  assert 10 < record['probes']['linear']['top1'] <= 100
 
 
 def test_build_rejects_other_networks(data_dir):

@@ -1,6 +1,5 @@
 """Mean Teacher: EMA, consistency costs and ramp against numpy; gradients; BN choice."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -10,6 +10,11 @@ METHODS = {
     'mean_teacher': 'mean_teacher',
     'kmeans_svm': 'kmeans_features',
     'exemplar_cnn': 'exemplar_cnn',
+    'fixmatch': 'fixmatch',
+    'pseudo_label': 'pseudo_label',
+    'kmeans_pseudo_label': 'kmeans_pseudo_label',
+    'ssl_gan': 'ssl_gan',
+    'deep_cluster': 'deep_cluster',
 }
 
 

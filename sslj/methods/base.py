@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sslj.errors import UserError
+
 State = Any
 Batch = dict  # 'labeled_images' uint8, 'labels' int32, 'unlabeled_images' uint8
 
@@ -43,6 +45,16 @@ class Method:
       For evaluations that are not logits on the test images, such as a
       linear probe fit on the labeled images' features. `data` is the
       run's `SemiSupervisedData`.
+    on_eval: optional host-side `(state, step, workdir) -> None` hook run
+      after each evaluation, on process 0 only (the GAN saves its sample
+      grid here). It must not run collective computations.
+    on_log: optional host-side `(step, scalars) -> dict` hook run at each
+      log with the logged scalars; what it returns is logged with them (the
+      GAN watches for mode collapse here).
+    sample_unlabeled: optional `(state, key, n) -> int32 indices [n]` into
+      the unlabeled pool, traced inside the loop's compiled step, replacing
+      its uniform draw (DeepCluster draws uniformly over its clusters); the
+      batch then also holds the indices as 'unlabeled_indices'.
   """
   init: Callable[[jax.Array], State]
   train_step: Callable[[State, Batch, jax.Array], tuple[State, dict]]
@@ -53,6 +65,9 @@ class Method:
   steps_per_epoch: int
   on_epoch_start: Callable[[State, int], State] | None = None
   finalize: Callable[[State, Any], dict] | None = None
+  on_eval: Callable[[State, int, str], None] | None = None
+  on_log: Callable[[int, dict], dict] | None = None
+  sample_unlabeled: Callable[[State, jax.Array, int], jax.Array] | None = None
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -76,6 +91,31 @@ class TrainState(flax.struct.PyTreeNode):
     return self.replace(step=self.step + 1,
                         params=optax.apply_updates(self.params, updates),
                         batch_stats=batch_stats, opt_state=opt_state)
+
+
+def labeled_share(config, labeled: int, section: str) -> tuple[int, int]:
+  """(labeled, unlabeled) images per step: `labeled` of `batch_size`, the rest unlabeled."""
+  if not 0 < labeled < config.batch_size:
+    raise UserError(f'{section}.labeled_batch_size={labeled} must be between 1 and '
+                    f'batch_size-1={config.batch_size - 1}.')
+  return labeled, config.batch_size - labeled
+
+
+def labeled_times_mu(config, mu, section: str) -> tuple[int, int]:
+  """(labeled, unlabeled) images per step: `batch_size` and `mu` * `batch_size`."""
+  if config.batch_size < 1 or mu < 1 or int(mu) != mu:
+    raise UserError(f'batch_size={config.batch_size} (labeled images per step) and '
+                    f'{section}.mu={mu} (unlabeled per labeled) must be positive integers.')
+  return config.batch_size, int(mu) * config.batch_size
+
+
+def unlabeled_epoch_steps(config, data, unlabeled: int) -> int:
+  """Steps of `unlabeled` images in one pass over the unlabeled pool (an epoch)."""
+  if len(data.unlabeled_images) == 0:
+    raise UserError(f'{config.method} needs unlabeled images, but every training image is '
+                    f'labeled; set labels_per_class (e.g. configs/{config.method}.py:'
+                    'labels_per_class=5).')
+  return max(1, -(-len(data.unlabeled_images) // unlabeled))
 
 
 def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:

@@ -48,10 +48,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Any, Callable
 
-from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
@@ -61,7 +59,7 @@ import optax
 from sslj import models, parallel
 from sslj.data import augment
 from sslj.errors import UserError
-from sslj.methods import base, kmeans_features, network
+from sslj.methods import base, frozen_features, kmeans_features, network
 from sslj.ops import optim
 
 # Images per chunk of the host-side gradient-magnitude pass over the seeds.
@@ -181,30 +179,10 @@ def predict(state, images):
   return {}
 
 
-def network_features(features_fn, variables, images: np.ndarray, *, batch_size: int,
-                     mesh) -> np.ndarray:
-  """`features_fn(variables, uint8 images)` over a host image set in padded batches."""
-  out = []
-  for start in range(0, len(images), batch_size):
-    x = images[start:start + batch_size]
-    real = len(x)
-    if real < batch_size:
-      x = np.concatenate([x, np.zeros((batch_size - real,) + x.shape[1:], x.dtype)])
-    f = features_fn(variables, parallel.to_global(x, parallel.batch_sharded(mesh)))
-    out.append(np.asarray(jax.device_get(f))[:real])
-  return np.concatenate(out)
-
-
 def finalize(state: ExemplarState, data, *, init, seed: int, svm_c: float, batch_size: int,
              mesh) -> dict:
-  """Linear SVMs on the trained and on a random network's features.
-
-  The random network is `init` (the loop's own initialisation, compiled
-  the same way, so its compilation is reused) from a key of its own: the
-  same initialisers, independent weights.
-  """
-  random_state = jax.jit(init, out_shardings=parallel.replicated(mesh))(
-      jax.random.fold_in(jax.random.key(seed), 1))
+  """Linear SVMs on the trained and on a random network's features."""
+  random_state = frozen_features.random_network(init, seed, mesh)
 
   @jax.jit
   def features_fn(variables, images):
@@ -213,23 +191,11 @@ def finalize(state: ExemplarState, data, *, init, seed: int, svm_c: float, batch
     return state.apply_fn(variables, augment.normalize(x, data.mean, data.std), train=False,
                           return_features=True)
 
-  # One batch size for both image sets and networks: one compilation.
-  batch_size = min(batch_size, max(len(data.labeled_images), len(data.test_images)))
-  batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
-  scores = {}
-  for name, variables in (('exemplar_svm', {'params': state.params}),
-                          ('random_net_svm', {'params': random_state.params})):
-    start = time.perf_counter()
-    train_x, test_x = (network_features(features_fn, variables, images, batch_size=batch_size,
-                                        mesh=mesh)
-                       for images in (data.labeled_images, data.test_images))
-    scores[name] = kmeans_features.linear_svm_scores(
-        train_x, data.labeled_labels, test_x, data.test_labels, num_classes=data.num_classes,
-        c=svm_c)
-    logging.info('%s: %d features, top-1 %.2f%%, top-5 %.2f%% (%.1f s).', name,
-                 train_x.shape[1], scores[name]['top1'], scores[name]['top5'],
-                 time.perf_counter() - start)
-  return scores
+  svm = functools.partial(kmeans_features.linear_svm_scores, c=svm_c)
+  return frozen_features.score_networks(
+      features_fn, {'exemplar_svm': {'params': state.params},
+                    'random_net_svm': {'params': random_state.params}},
+      data, svm, batch_size=batch_size, mesh=mesh)
 
 
 def patch_size(config, data) -> int:

@@ -118,21 +118,12 @@ def predict(state: MeanTeacherState, images, *, preprocess: network.Preprocess):
 
 def batch_split(config) -> tuple[int, int]:
   """(labeled, unlabeled) images per step, from batch_size and labeled_batch_size."""
-  labeled = config.mean_teacher.labeled_batch_size
-  if not 0 < labeled < config.batch_size:
-    raise UserError(f'mean_teacher.labeled_batch_size={labeled} must be between 1 and '
-                    f'batch_size-1={config.batch_size - 1}.')
-  return labeled, config.batch_size - labeled
+  return base.labeled_share(config, config.mean_teacher.labeled_batch_size, 'mean_teacher')
 
 
 def steps_per_epoch(config, data) -> int:
   """An epoch is one pass over the unlabeled pool."""
-  _, unlabeled = batch_split(config)
-  pool = len(data.unlabeled_images)
-  if pool == 0:
-    raise UserError('Mean Teacher needs unlabeled images, but every training image is '
-                    'labeled; set labels_per_class (e.g. configs/mean_teacher.py:labels_per_class=10).')
-  return max(1, -(-pool // unlabeled))
+  return base.unlabeled_epoch_steps(config, data, batch_split(config)[1])
 
 
 def build(config, data, num_steps: int) -> base.Method:

@@ -18,7 +18,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sslj.errors import UserError
+from sslj.models.alexnet import AlexNet
 from sslj.models.convlarge import ConvLarge
+from sslj.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from sslj.models import exemplar as _exemplar
 from sslj.models import resnet as _resnet
 from sslj.models.resnet import ResNet
@@ -26,13 +28,33 @@ from sslj.models.small_cnn import SmallCNN
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     'small_cnn': SmallCNN,
+    'alexnet': AlexNet,
     'convlarge': ConvLarge,
     'exemplar_small': _exemplar.exemplar_small,
     'exemplar_large': _exemplar.exemplar_large,
+    'dcgan_discriminator': DCGANDiscriminator,
     **{f'resnet{d}': functools.partial(_resnet.resnet, d) for d in (18, 34, 50, 101, 152)},
 }
 
 NAMES = tuple(_REGISTRY)
+
+# Generators (latent vectors -> images); not classifiers, so not in NAMES.
+GENERATORS: dict[str, Callable[..., nn.Module]] = {'dcgan': DCGANGenerator}
+
+
+def build_generator(name: str, *, image_shape, dtype: Any = jnp.float32, **kw) -> nn.Module:
+  """The generator `name` for images of `image_shape` (H, W, C).
+
+  Raises:
+    UserError: unknown name or keyword.
+  """
+  if name not in GENERATORS:
+    raise UserError(f'unknown generator {name!r}; valid generators: {", ".join(GENERATORS)}')
+  try:
+    return GENERATORS[name](image_shape=tuple(image_shape), dtype=dtype, **kw)
+  except TypeError as e:
+    raise UserError(f'generator {name}: bad option ({e}); see the attributes of '
+                    f'its class in sslj/models/') from e
 
 
 def build(name: str, *, num_classes: int, dtype: Any = jnp.float32,
@@ -63,4 +85,5 @@ def build(name: str, *, num_classes: int, dtype: Any = jnp.float32,
                     f'its class in sslj/models/') from e
 
 
-__all__ = ['NAMES', 'build', 'ConvLarge', 'ResNet', 'SmallCNN']
+__all__ = ['GENERATORS', 'NAMES', 'build', 'build_generator', 'ConvLarge', 'DCGANDiscriminator',
+           'DCGANGenerator', 'ResNet', 'SmallCNN']

@@ -87,6 +87,10 @@ def export(workdir: str, *, step: int | None = None, out: str | None = None) -> 
   out = out or os.path.join(os.path.abspath(workdir), DEFAULT_FOLDER)
   check_out(out)  # Before anything is loaded.
   run = restore.restore(workdir, step, need_network=True)
+  if run.config.method in reported.FEATURES_ONLY:
+    raise UserError(f"{run.config.method}'s network classifies surrogate classes or clusters, "
+                    'not the dataset\'s classes, so there are no class logits to export; use '
+                    '--mode=probe to score its features.')
   if jax.process_index() == 0:
     write(out, run.network, method=run.config.method, step=run.step,
           dataset=run.config.data.name, reported_model=run.method.reported_model,

@@ -41,10 +41,41 @@ def _mean_teacher(state, config):
   return {'params': state.teacher.average, 'batch_stats': state.teacher_batch_stats}, heads
 
 
+def _fixmatch(state, config):
+  # The EMA of the parameters and BatchNorm statistics.
+  del config
+  return dict(state.ema.average), 1
+
+
+def _ssl_gan(state, config):
+  # The Polyak average of the discriminator is the reported classifier.
+  del config
+  return {'params': state.discriminator_ema.average,
+          'batch_stats': state.discriminator.batch_stats}, 1
+
+
+def _feature_network(state, config):
+  # Exemplar-CNN and DeepCluster: the trained network, whose head classifies
+  # surrogate classes or clusters; only its features are used.
+  del config
+  return {'params': state.params, 'batch_stats': getattr(state, 'batch_stats', {})}, 1
+
+
+# Methods whose network classifies something other than the dataset's classes
+# (surrogate classes, clusters): their features can be probed, their logits
+# mean nothing for the test classes, so they are not exported.
+FEATURES_ONLY = ('deep_cluster', 'exemplar_cnn')
+
 # method name -> hook(state, config) -> (variables of the reported network, num_heads)
 HOOKS: dict[str, Callable[[Any, Any], tuple[dict, int]]] = {
     'supervised': _supervised,
+    'fixmatch': _fixmatch,
+    'pseudo_label': _supervised,
+    'kmeans_pseudo_label': _supervised,
     'mean_teacher': _mean_teacher,
+    'ssl_gan': _ssl_gan,
+    'deep_cluster': _feature_network,
+    'exemplar_cnn': _feature_network,
 }
 
 
@@ -71,8 +102,9 @@ class ReportedNetwork:
     model: the Flax module, rebuilt from the model config.
     variables: {'params', 'batch_stats'}.
     preprocess: uint8 images -> normalised inputs, as in evaluation.
-    model_config: {'name', 'dtype', 'num_heads'}: with num_classes, what
-      `sslj.models.build` needs to rebuild `model`.
+    model_config: {'name', 'dtype', 'num_heads'} and optionally 'options'
+      (further keywords of `sslj.models.build`) and 'front_end' ('sobel'):
+      with num_classes, what rebuilds `model` and its input.
     num_classes: logits per head.
   """
   model: nn.Module
@@ -88,8 +120,11 @@ class ReportedNetwork:
 
   def features(self, variables, images):
     """Pooled float32 features [B, D] of uint8 images [B, H, W, C]; pure, jit it."""
-    return self.model.apply(variables, self.preprocess.eval(images), train=False,
-                            return_features=True)
+    x = self.preprocess.eval(images)
+    if self.model_config.get('front_end') == 'sobel':  # DeepCluster's optional front end
+      from sslj.methods import deep_cluster  # pylint: disable=g-import-not-at-top
+      x = deep_cluster.sobel(x)
+    return self.model.apply(variables, x, train=False, return_features=True)
 
 
 def build_network(model_config: dict, num_classes: int, variables, preprocess) -> ReportedNetwork:
@@ -97,7 +132,8 @@ def build_network(model_config: dict, num_classes: int, variables, preprocess) -
   from sslj import models  # pylint: disable=g-import-not-at-top
   model = models.build(model_config['name'], num_classes=num_classes,
                        dtype=network.compute_dtype(model_config['dtype']),
-                       num_heads=model_config['num_heads'])
+                       num_heads=model_config['num_heads'],
+                       **model_config.get('options', {}))
   return ReportedNetwork(model=model, variables=variables, preprocess=preprocess,
                          model_config=dict(model_config), num_classes=num_classes)
 
@@ -109,6 +145,11 @@ def reported_network(config, data, state) -> ReportedNetwork:
   preprocess = network.Preprocess(augment.AugmentSpec.from_config(config.augment), data.mean,
                                   data.std)
   model_config = {'name': config.model.name, 'dtype': config.model.dtype, 'num_heads': num_heads}
+  if config.method == 'deep_cluster' and config.deep_cluster.sobel:
+    model_config['front_end'] = 'sobel'
+  if config.method == 'exemplar_cnn':  # its fc layer spans the training patch
+    from sslj.methods import exemplar_cnn  # pylint: disable=g-import-not-at-top
+    model_config['options'] = {'input_size': exemplar_cnn.patch_size(config, data)}
   return build_network(model_config, data.num_classes, variables, preprocess)
 
 

@@ -1,0 +1,66 @@
+r"""FixMatch (Sohn et al. 2020).
+
+Run:
+  python launch.py --config=configs/fixmatch.py --workdir=runs/fixmatch
+
+The default trains the small CNN on `digits` with 5 labels per class (50
+labeled images, the other 1,297 training images unlabeled) for 3,000 steps
+of 32 labeled + 7 x 32 unlabeled images; the EMA model (`ema`, the one
+reported) should end above the supervised baseline trained on the same 50
+labels (configs/supervised.py:labels_per_class=5).
+
+`batch_size` is the paper's B, the labeled images per step; each step also
+draws `fixmatch.mu` * B unlabeled images. The paper's recipe is the default:
+threshold 0.95, lambda 1, SGD Nesterov 0.9 at lr 0.03 with weight decay 5e-4
+and the cosine cos(7 pi k / 16 K), EMA 0.999, RandAugment (2 ops, random
+magnitudes) + Cutout as the strong augmentation, flips (not for digits) and
+small translations (the `augment` section) as the weak one.
+
+Presets (config string):
+  configs/fixmatch.py:dataset=fashion_mnist,labels_per_class=10
+    sized for a CPU: 3,000 steps of 8 labeled + 7 x 8 unlabeled images.
+  configs/fixmatch.py:dataset=cifar10,labels_per_class=25,model=resnet18
+    the paper's B = 64, mu = 7 (its 2^20 steps are num_steps=1048576).
+"""
+
+from sslj import configlib
+from sslj.data import randaugment
+
+
+def get_config(arg=None):
+  args = configlib.parse_arg(arg, labels_per_class='5')
+  config = configlib.base_config('fixmatch', args)
+  config.num_steps = 3000
+  config.batch_size = 16        # labeled images per step (the paper's B)
+  config.log_every = 100
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  config.optimizer.update(learning_rate=0.03, momentum=0.9, nesterov=True,
+                          weight_decay=5e-4, schedule='fixmatch_cosine')
+
+  config.fixmatch = dict(
+      mu=7,                       # unlabeled images per labeled image
+      threshold=0.95,             # keep pseudo-labels with max probability >= this
+      unlabeled_weight=1.0,       # lambda_u
+      ema_decay=0.999,            # the reported model's parameter average
+      randaugment_num_ops=2,      # ops per strong view
+      randaugment_ops=randaugment.OPS,
+      cutout=0.5,                 # Cutout square side up to this fraction of the size
+  )
+
+  if args.dataset == 'fashion_mnist':
+    config.num_steps = 3000
+    config.batch_size = 8
+    config.eval_batch_size = 1000
+    config.eval_every = 500
+    config.checkpoint_every = 1000
+
+  if args.dataset in ('cifar10', 'stl10') or args.dataset.startswith('image_folder'):
+    config.batch_size = 64
+    config.num_steps = 1 << 20
+    config.eval_batch_size = 1000
+    config.log_every = 1000
+    config.eval_every = 10000
+    config.checkpoint_every = 10000
+  config.lock()
+  return config

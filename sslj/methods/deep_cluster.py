@@ -1,0 +1,314 @@
+"""DeepCluster: k-means of the network's own features as its training labels.
+
+Before every epoch (`on_epoch_start`, a host hook of the training loop):
+
+1. the features of the whole unlabeled pool are computed without
+   augmentation (BatchNorm in inference mode, jitted, in fixed-size batches);
+2. they are PCA-whitened to min(pca_dim, D) dimensions and L2-normalised;
+3. k-means (`sslj.ops.kmeans`, k-means++ seeding, `kmeans_iters` Lloyd
+   iterations) groups them into k clusters; the assignments are the epoch's
+   pseudo-labels;
+4. sampling tables are built so that every step draws images uniformly over
+   the non-empty clusters (a cluster with equal probability, then an image
+   of it uniformly), which keeps large clusters from dominating and the
+   network from collapsing into a few of them;
+5. the classifier head is re-initialised (and its momentum zeroed): the
+   cluster indices of one epoch have nothing to do with the last one's.
+
+The network is then trained with cross-entropy on the pseudo-labels of
+augmented images. An optional Sobel front end (`deep_cluster.sobel`) turns
+the normalised images into grayscale and applies the two 3x3 Sobel filters,
+so that colour cannot be the clustering's trivial cue.
+
+An epoch is one pass over the unlabeled pool (ceil(U / batch_size) steps),
+or `deep_cluster.steps_per_epoch` steps when that is set, which keeps CPU
+runs on large pools short (clustering happens that often instead).
+
+The pseudo-labels and the sampling tables are part of the checkpointed state,
+so a run resumed in the middle of an epoch trains on the same labels. The
+clustering is deterministic: k-means draws from `fold_in(seed key, epoch)`.
+
+Logged with every training log line (metrics.jsonl, `train/...`): the
+current epoch's `nmi_previous` (NMI between this and the previous epoch's
+assignments of the pool; NaN at epoch 0), `nmi_test_labels` (the test
+images' features, whitened with the pool's whitening and assigned to the
+nearest of the epoch's centroids, against their true labels: the pool's own
+labels are not part of the run's data) and `nonempty_clusters`.
+
+Evaluation (`finalize`): a linear probe (`sslj.ops.probes.linear_probe`,
+logistic regression on standardised features) on the frozen features of
+the labeled images, scored on the test split: 'linear_probe' (reported) for
+the trained network and 'random_net_probe' for a randomly initialised one of
+the same architecture, the floor. The features are the model's own
+(`return_features=True`: pooled features for small_cnn, fc7 for alexnet).
+
+Departures from the paper: the optimiser and schedule come from the config
+(the paper: SGD, lr 0.05, momentum 0.9, weight decay 1e-5, constant); the
+probe is on the features the model returns rather than on each conv layer;
+test NMI is measured on the test split rather than on the training labels.
+
+References:
+  Caron, Bojanowski, Joulin & Douze, "Deep clustering for unsupervised
+    learning of visual features", ECCV 2018.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable, NamedTuple
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sslj import parallel
+from sslj.data import augment
+from sslj.errors import UserError
+from sslj.methods import base, frozen_features, network
+from sslj.ops import kmeans, nmi, optim, probes, whitening
+
+# Key streams under the run's seed (1 is the random network of the probe).
+_KMEANS_STREAM, _HEAD_STREAM = 2, 3
+_SOBEL_X = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float32)
+
+
+class ClusterTables(NamedTuple):
+  """One epoch's pseudo-labels and what the sampler draws from.
+
+  Attributes:
+    labels: int32 [U], the cluster of every pool image (its pseudo-label).
+    order: int32 [U], pool indices sorted by cluster (stable).
+    start: int32 [k], where each cluster's images begin in `order`.
+    size: int32 [k], images per cluster.
+    nonempty: int32 [k], the non-empty clusters' ids first (ascending), then 0.
+    num_nonempty: int32 scalar.
+  """
+  labels: jax.Array
+  order: jax.Array
+  start: jax.Array
+  size: jax.Array
+  nonempty: jax.Array
+  num_nonempty: jax.Array
+
+
+def cluster_tables(labels: np.ndarray, num_clusters: int) -> ClusterTables:
+  labels = np.asarray(labels, np.int32)
+  size = np.bincount(labels, minlength=num_clusters).astype(np.int32)
+  used = np.flatnonzero(size).astype(np.int32)
+  nonempty = np.zeros(num_clusters, np.int32)
+  nonempty[:len(used)] = used
+  return ClusterTables(labels=labels, order=np.argsort(labels, kind='stable').astype(np.int32),
+                       start=(np.cumsum(size) - size).astype(np.int32), size=size,
+                       nonempty=nonempty, num_nonempty=np.int32(len(used)))
+
+
+def sample_uniform_over_clusters(tables: ClusterTables, key, n: int) -> jax.Array:
+  """`n` pool indices: a non-empty cluster uniformly, then one of its images uniformly."""
+  cluster_key, member_key = jax.random.split(key)
+  cluster = tables.nonempty[jax.random.randint(cluster_key, (n,), 0, tables.num_nonempty)]
+  offset = jax.random.randint(member_key, (n,), 0, tables.size[cluster])
+  return tables.order[tables.start[cluster] + offset]
+
+
+class DeepClusterState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  tables: ClusterTables
+  cluster_metrics: dict  # float32 scalars of the current epoch's clustering
+  apply_fn: Callable = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+def sobel(x: jax.Array) -> jax.Array:
+  """Grayscale (channel mean), then the horizontal and vertical 3x3 Sobel filters.
+
+  Cross-correlation with zero padding, as the paper's `nn.Conv2d(1, 2, 3,
+  padding=1)`: [B, H, W, C] -> [B, H, W, 2].
+  """
+  gray = jnp.mean(x, axis=-1, keepdims=True)
+  kernel = jnp.asarray(np.stack([_SOBEL_X, _SOBEL_X.T], axis=-1)[:, :, None, :])
+  return jax.lax.conv_general_dilated(gray, kernel, (1, 1), 'SAME',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                      precision=jax.lax.Precision.HIGHEST)
+
+
+def embed(params: whitening.PCAWhitening, features) -> jax.Array:
+  """Whitened, L2-normalised features: what k-means clusters."""
+  return whitening.l2_normalize(whitening.pca_whiten_apply(params, features))
+
+
+def cluster_features(features: np.ndarray, *, num_clusters: int, pca_dim: int,
+                     num_iters: int, key, mesh=None):
+  """PCA-whitens to min(pca_dim, D), L2-normalises and runs k-means.
+
+  Returns:
+    (KMeansResult, the fitted PCAWhitening).
+  """
+  fitted = whitening.pca_whiten_fit(features, min(pca_dim, features.shape[1]))
+  result = kmeans.kmeans(embed(fitted, features), num_clusters, num_iters=num_iters, key=key,
+                         mesh=mesh)
+  return result, fitted
+
+
+def kmeans_key(seed: int, epoch: int):
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _KMEANS_STREAM), epoch)
+
+
+def reset_head(state: DeepClusterState, key) -> DeepClusterState:
+  """A fresh head (the model's Dense initialisers) with zero optimiser momentum."""
+  kernel = state.params['head']['kernel']
+  head = nn.Dense(kernel.shape[1]).init(key, jnp.zeros((1, kernel.shape[0])))['params']
+  mask = jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[0], 'key', None) == 'head', state.params)
+  opt_state = optax.tree_map_params(state.tx, lambda v, m: jnp.where(m, jnp.zeros_like(v), v),
+                                    state.opt_state, mask)
+  return state.replace(params={**state.params, 'head': head}, opt_state=opt_state)
+
+
+def on_epoch_start(state: DeepClusterState, epoch: int, *, features_fn, data, num_clusters: int,
+                   pca_dim: int, num_iters: int, seed: int, batch_size: int,
+                   mesh) -> DeepClusterState:
+  """Re-clusters the pool, rebuilds the sampling tables and resets the head."""
+  started = time.perf_counter()
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  extract = functools.partial(frozen_features.network_features, features_fn, variables,
+                              batch_size=batch_size, mesh=mesh)
+  result, fitted = cluster_features(extract(data.unlabeled_images), num_clusters=num_clusters,
+                                    pca_dim=pca_dim, num_iters=num_iters,
+                                    key=kmeans_key(seed, epoch), mesh=mesh)
+  labels = np.asarray(jax.device_get(result.assignments))
+  test_clusters, _ = kmeans.assign(embed(fitted, extract(data.test_images)), result.centroids,
+                                   mesh=mesh)
+  tables = cluster_tables(labels, num_clusters)
+  metrics = {
+      'nmi_previous': nmi.normalized_mutual_info(jax.device_get(state.tables.labels), labels)
+                      if epoch > 0 else float('nan'),
+      'nmi_test_labels': nmi.normalized_mutual_info(data.test_labels,
+                                                    jax.device_get(test_clusters)),
+      'nonempty_clusters': float(tables.num_nonempty),
+      'kmeans_inertia': float(result.inertia),
+  }
+  logging.info('epoch %d: %d of %d clusters used, NMI to previous %.4f, NMI to test labels '
+               '%.4f (%.1f s)', epoch, metrics['nonempty_clusters'], num_clusters,
+               metrics['nmi_previous'], metrics['nmi_test_labels'],
+               time.perf_counter() - started)
+  replicated = parallel.replicated(mesh)
+  state = state.replace(
+      tables=jax.device_put(tables, replicated),
+      cluster_metrics=jax.device_put({k: np.float32(v) for k, v in metrics.items()},
+                                     replicated))
+  head_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _HEAD_STREAM), epoch)
+  return jax.device_put(reset_head(state, head_key), replicated)
+
+
+def train_step(state: DeepClusterState, batch: base.Batch, key, *,
+               preprocess: network.Preprocess, use_sobel: bool):
+  """One SGD step of cross-entropy on the pseudo-labels of augmented pool images."""
+  aug_key, dropout_key = jax.random.split(key)
+  x = preprocess.train(batch['unlabeled_images'], aug_key)
+  if use_sobel:
+    x = sobel(x)
+  labels = state.tables.labels[batch['unlabeled_indices']]
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
+        mutable=['batch_stats'], rngs={'dropout': dropout_key})
+    return network.cross_entropy(logits, labels), (logits, updates['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state)
+  return state, {'loss': loss, 'train_top1': 100 * base.top_k_correct(logits, labels, 1).mean(),
+                 **state.cluster_metrics}
+
+
+def predict(state, images):
+  """No logits for the test classes: the scores come from `finalize`."""
+  del state, images
+  return {}
+
+
+def finalize(state: DeepClusterState, data, *, features_fn, init, seed: int, probe_c: float,
+             batch_size: int, mesh) -> dict:
+  """Linear probes on the trained and on a random network's features."""
+  random_state = frozen_features.random_network(init, seed, mesh)
+  networks = {name: {'params': s.params, 'batch_stats': s.batch_stats}
+              for name, s in (('linear_probe', state), ('random_net_probe', random_state))}
+  return frozen_features.score_networks(
+      features_fn, networks, data, functools.partial(probes.linear_probe, c=probe_c),
+      batch_size=batch_size, mesh=mesh)
+
+
+def steps_per_epoch(config, data) -> int:
+  """One pass over the unlabeled pool, or `deep_cluster.steps_per_epoch` if set."""
+  if config.deep_cluster.steps_per_epoch > 0:
+    return config.deep_cluster.steps_per_epoch
+  return max(1, -(-len(data.unlabeled_images) // config.batch_size))
+
+
+def build(config, data, num_steps: int) -> base.Method:
+  """DeepCluster as a `Method` for the training loop."""
+  dc = config.deep_cluster
+  pool = len(data.unlabeled_images)
+  if not 2 <= dc.num_clusters <= pool:
+    raise UserError(f'deep_cluster.num_clusters={dc.num_clusters} must be between 2 and the '
+                    f'{pool} unlabeled images.')
+  if dc.pca_dim < 1:
+    raise UserError(f'deep_cluster.pca_dim={dc.pca_dim} must be at least 1.')
+  mesh = parallel.make_mesh()
+  spec = augment.AugmentSpec.from_config(config.augment)
+  preprocess = network.Preprocess(spec, data.mean, data.std)
+  model = network.build_model(config, dc.num_clusters)
+  tx = optim.make_optimizer(config.optimizer, num_steps)
+  h, w, c = data.unlabeled_images.shape[1:]
+  if spec.out_size:
+    h = w = spec.out_size
+  dummy = jnp.zeros((1, h, w, 2 if dc.sobel else c), jnp.float32)
+  start_tables = cluster_tables(np.zeros(pool, np.int32), dc.num_clusters)
+
+  def init(key):
+    params_key, dropout_key = jax.random.split(key)
+    variables = model.init({'params': params_key, 'dropout': dropout_key}, dummy, train=False)
+    params = variables['params']
+    if 'head' not in params:
+      raise UserError(f"deep_cluster needs a model with one linear head named 'head'; "
+                      f"'{config.model.name}' has none.")
+    nan = jnp.float32(jnp.nan)
+    return DeepClusterState(
+        step=jnp.zeros((), jnp.int32), params=params,
+        batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+        tables=jax.tree.map(jnp.asarray, start_tables),
+        cluster_metrics={'nmi_previous': nan, 'nmi_test_labels': nan,
+                         'nonempty_clusters': nan, 'kmeans_inertia': nan},
+        apply_fn=model.apply, tx=tx)
+
+  @jax.jit
+  def features_fn(variables, images):
+    x = preprocess.eval(images)
+    return model.apply(variables, sobel(x) if dc.sobel else x, train=False,
+                       return_features=True)
+
+  batch_size = -(-config.eval_batch_size // mesh.devices.size) * mesh.devices.size
+  return base.Method(
+      init=init,
+      train_step=functools.partial(train_step, preprocess=preprocess, use_sobel=dc.sobel),
+      predict=predict, reported_model='linear_probe',
+      labeled_batch=0, unlabeled_batch=config.batch_size,
+      steps_per_epoch=steps_per_epoch(config, data),
+      on_epoch_start=functools.partial(
+          on_epoch_start, features_fn=features_fn, data=data, num_clusters=dc.num_clusters,
+          pca_dim=dc.pca_dim, num_iters=dc.kmeans_iters, seed=config.seed,
+          batch_size=batch_size, mesh=mesh),
+      finalize=functools.partial(finalize, features_fn=features_fn, init=init, seed=config.seed,
+                                 probe_c=dc.probe_c, batch_size=config.eval_batch_size,
+                                 mesh=mesh),
+      sample_unlabeled=lambda state, key, n: sample_uniform_over_clusters(state.tables, key, n))

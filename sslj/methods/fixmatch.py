@@ -1,0 +1,172 @@
+"""FixMatch: confident predictions on a weak view as targets for a strong view.
+
+Each step draws B labeled images and mu * B unlabeled ones. The labeled and
+the unlabeled images get the weak augmentation of the config's `augment`
+section (flips where the dataset allows them, small translations); the
+unlabeled images also get a strong view: the weak one, then RandAugment with
+random magnitudes and Cutout (`sslj.data.randaugment`). The class the network
+gives the weak view becomes the target of the strong view where its
+probability is at least `threshold`:
+
+  loss = CE(labeled) + lambda * mean_b [max p_weak(b) >= threshold] * CE(strong(b), argmax p_weak(b))
+
+The mean runs over every unlabeled image, kept or not. The target comes from
+the same forward pass (one batch of labeled, weak and strong images, so
+BatchNorm sees all three, as in the paper's code) with its gradient stopped.
+After each step an exponential moving average of the parameters and of the
+BatchNorm running statistics is updated (the paper's code averages every
+model variable); it is the reported model (`ema`), so averaged parameters
+are evaluated with statistics averaged over the same steps.
+
+Departures from the paper: the EMA starts with `ema.decay_at`'s short
+warm-up instead of averaging in the random initialisation; weight decay is
+added to every parameter's gradient (the optimiser's L2), BatchNorm included.
+
+References: Sohn et al. 2020, "FixMatch: simplifying semi-supervised learning
+with consistency and confidence" (Algorithm 1, Eq. 4, Table 12).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from sslj.data import augment, randaugment
+from sslj.errors import UserError
+from sslj.methods import base, network
+from sslj.ops import ema, optim, pseudo_labels
+
+
+class FixMatchState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema: ema.EmaState  # the reported model: ema.average = {'params', 'batch_stats'}
+  apply_fn: Callable = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+class StrongAugment:
+  """uint8 images -> weak augmentation -> RandAugment -> Cutout -> normalised."""
+
+  def __init__(self, spec: augment.AugmentSpec, mean, std, *, num_ops: int,
+               cutout: float, ops: tuple[str, ...] = randaugment.OPS):
+    self.spec, self.num_ops, self.cutout, self.ops = spec, num_ops, cutout, tuple(ops)
+    self.mean = jnp.asarray(mean, jnp.float32)
+    self.std = jnp.asarray(std, jnp.float32)
+
+  def __call__(self, images, key):
+    weak_key, strong_key = jax.random.split(key)
+    x = augment.augment_batch(images, weak_key, self.spec)
+    x = randaugment.randaugment(x, strong_key, num_ops=self.num_ops,
+                                cutout_fraction=self.cutout, ops=self.ops)
+    return augment.normalize(x, self.mean, self.std)
+
+
+def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *,
+            num_unlabeled: int, threshold: float, unlabeled_weight: float, targets=None):
+  """FixMatch's loss on `inputs` = [labeled; weak unlabeled; strong unlabeled].
+
+  `targets`, if given, is (labels, mask) for the strong views, used in place
+  of the pseudo-labels of the weak views (the tests feed constants here).
+  Returns (loss, aux) with aux = (labeled loss, unlabeled loss, mask, max
+  probability, labeled logits, new batch_stats).
+  """
+  logits, updates = apply_fn({'params': params, 'batch_stats': batch_stats}, inputs,
+                             train=True, mutable=['batch_stats'], rngs={'dropout': dropout_key})
+  num_labeled = inputs.shape[0] - 2 * num_unlabeled
+  labeled = logits[:num_labeled]
+  weak = logits[num_labeled:num_labeled + num_unlabeled]
+  strong = logits[num_labeled + num_unlabeled:]
+  pseudo, mask, max_prob = pseudo_labels.hard_pseudo_labels(weak, threshold)
+  if targets is not None:
+    pseudo, mask = targets
+  labeled_loss = network.cross_entropy(labeled, labels)
+  unlabeled_loss = pseudo_labels.masked_cross_entropy(strong, pseudo, mask)
+  loss = labeled_loss + unlabeled_weight * unlabeled_loss
+  return loss, (labeled_loss, unlabeled_loss, mask, max_prob, labeled,
+                updates['batch_stats'])
+
+
+def train_step(state: FixMatchState, batch, key, *, preprocess: network.Preprocess,
+               strong: StrongAugment, average: ema.ParameterEma, threshold: float,
+               unlabeled_weight: float):
+  """One FixMatch step: SGD on the loss above, then the EMA."""
+  num_unlabeled = batch['unlabeled_images'].shape[0]
+  k_labeled, k_weak, k_strong, k_dropout = jax.random.split(key, 4)
+  inputs = jnp.concatenate([preprocess.train(batch['labeled_images'], k_labeled),
+                            preprocess.train(batch['unlabeled_images'], k_weak),
+                            strong(batch['unlabeled_images'], k_strong)])
+  grad_fn = jax.value_and_grad(functools.partial(
+      loss_fn, num_unlabeled=num_unlabeled, threshold=threshold,
+      unlabeled_weight=unlabeled_weight), has_aux=True)
+  (loss, aux), grads = grad_fn(state.params, state.batch_stats, state.apply_fn, inputs,
+                               batch['labels'], k_dropout)
+  labeled_loss, unlabeled_loss, mask, max_prob, labeled_logits, batch_stats = aux
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  _, averaged = average.update({'params': params, 'batch_stats': batch_stats}, state.ema)
+  state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                        opt_state=opt_state, ema=averaged)
+  top1 = base.top_k_correct(labeled_logits, batch['labels'], 1).mean()
+  return state, {'loss': loss, 'labeled_loss': labeled_loss, 'unlabeled_loss': unlabeled_loss,
+                 'mask_rate': mask.mean(), 'max_prob': max_prob.mean(),
+                 'train_top1': 100 * top1}
+
+
+def predict(state: FixMatchState, images, *, preprocess: network.Preprocess):
+  x = preprocess.eval(images)
+  model = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                         x, train=False)
+  averaged = state.apply_fn(state.ema.average, x, train=False)
+  return {'model': model, 'ema': averaged}
+
+
+def batch_split(config) -> tuple[int, int]:
+  """(labeled, unlabeled) images per step: batch_size and mu * batch_size."""
+  return base.labeled_times_mu(config, config.fixmatch.mu, 'fixmatch')
+
+
+def steps_per_epoch(config, data) -> int:
+  """An epoch is one pass over the unlabeled pool."""
+  return base.unlabeled_epoch_steps(config, data, batch_split(config)[1])
+
+
+def build(config, data, num_steps: int) -> base.Method:
+  fm = config.fixmatch
+  if not 0 <= fm.threshold <= 1:
+    raise UserError(f'fixmatch.threshold={fm.threshold} is a probability; use 0 to 1.')
+  labeled, unlabeled = batch_split(config)
+  epoch_steps = steps_per_epoch(config, data)
+  model = network.build_model(config, data.num_classes)
+  spec = augment.AugmentSpec.from_config(config.augment)
+  if spec.out_size:
+    raise UserError('fixmatch does not support augment.out_size; resize the data instead.')
+  preprocess = network.Preprocess(spec, data.mean, data.std)
+  ops = tuple(fm.randaugment_ops)
+  randaugment.check_options(ops, fm.cutout)
+  strong = StrongAugment(spec, data.mean, data.std, num_ops=fm.randaugment_num_ops,
+                         cutout=fm.cutout, ops=ops)
+  tx = optim.make_optimizer(config.optimizer, num_steps)
+  average = ema.parameter_ema(fm.ema_decay)
+
+  def init(key):
+    variables = network.init_variables(model, key, data.labeled_images.shape[1:], spec)
+    params, stats = variables['params'], variables.get('batch_stats', {})
+    return FixMatchState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                         opt_state=tx.init(params),
+                         ema=average.init({'params': params, 'batch_stats': stats}),
+                         apply_fn=model.apply, tx=tx)
+
+  step = functools.partial(train_step, preprocess=preprocess, strong=strong, average=average,
+                           threshold=fm.threshold, unlabeled_weight=fm.unlabeled_weight)
+  return base.Method(init=init, train_step=step,
+                     predict=functools.partial(predict, preprocess=preprocess),
+                     reported_model='ema', labeled_batch=labeled, unlabeled_batch=unlabeled,
+                     steps_per_epoch=epoch_steps)

@@ -1,0 +1,130 @@
+"""Pseudo-Label: the network's own most probable class as an unlabeled target.
+
+Each step draws B labeled and mu * B unlabeled images, all with the config's
+`augment`, and runs them through the network in one forward pass. For every
+unlabeled image the class of highest probability, with its gradient stopped,
+is the target (optionally only where that probability reaches `threshold`):
+
+  loss = CE(labeled) + alpha(t) * mean_b mask(b) * CE(unlabeled(b), argmax p(b))
+
+alpha(t) is 0 until T1, rises linearly to alpha_f at T2 and stays there
+(`consistency.linear_ramp`), so the network first learns from the labels
+alone. T1 and T2 count steps or epochs (passes over the unlabeled pool).
+The targets are recomputed at every step, as in the paper ("for every
+weights update"). Trained on its own guesses this is a form of entropy
+minimisation.
+
+Departures from the paper: no denoising-autoencoder pre-training, and the
+network is the config's (the paper's is a dropout MLP on MNIST).
+
+References: Lee 2013, "Pseudo-Label: the simple and efficient semi-supervised
+learning method for deep neural networks" (Eq. 15-16).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from sslj.data import augment
+from sslj.errors import UserError
+from sslj.methods import base, network
+from sslj.ops import consistency, optim, pseudo_labels
+
+RAMP_UNITS = ('steps', 'epochs')
+
+
+def unlabeled_weight(step, *, t1: float, t2: float, final_weight: float,
+                     steps_per_unit: float = 1.0):
+  """alpha(t) at optimizer step `step`, with T1 and T2 in units of `steps_per_unit` steps."""
+  progress = jnp.asarray(step, jnp.float32) / steps_per_unit
+  return consistency.linear_ramp(progress, t1, t2, final_weight)
+
+
+def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *, weight,
+            threshold: float, targets=None):
+  """Pseudo-Label's loss on `inputs` = [labeled; unlabeled].
+
+  `targets`, if given, is (labels, mask) for the unlabeled images in place of
+  the network's own argmax. Returns (loss, aux) with aux = (labeled loss,
+  unlabeled loss, mask, max probability, labeled logits, new batch_stats).
+  """
+  logits, updates = apply_fn({'params': params, 'batch_stats': batch_stats}, inputs,
+                             train=True, mutable=['batch_stats'], rngs={'dropout': dropout_key})
+  num_labeled = labels.shape[0]
+  labeled, unlabeled = logits[:num_labeled], logits[num_labeled:]
+  pseudo, mask, max_prob = pseudo_labels.hard_pseudo_labels(unlabeled, threshold)
+  if targets is not None:
+    pseudo, mask = targets
+  labeled_loss = network.cross_entropy(labeled, labels)
+  unlabeled_loss = pseudo_labels.masked_cross_entropy(unlabeled, pseudo, mask)
+  loss = labeled_loss + weight * unlabeled_loss
+  return loss, (labeled_loss, unlabeled_loss, mask, max_prob, labeled, updates['batch_stats'])
+
+
+def train_step(state: base.TrainState, batch, key, *, preprocess: network.Preprocess,
+               weight_fn, threshold: float):
+  """One SGD step of Pseudo-Label's loss."""
+  aug_key, dropout_key = jax.random.split(key)
+  images = jnp.concatenate([batch['labeled_images'], batch['unlabeled_images']])
+  inputs = preprocess.train(images, aug_key)
+  weight = weight_fn(state.step)
+  grad_fn = jax.value_and_grad(
+      functools.partial(loss_fn, weight=weight, threshold=threshold), has_aux=True)
+  (loss, aux), grads = grad_fn(state.params, state.batch_stats, state.apply_fn, inputs,
+                               batch['labels'], dropout_key)
+  labeled_loss, unlabeled_loss, mask, max_prob, labeled_logits, batch_stats = aux
+  state = state.apply_gradients(grads, batch_stats)
+  top1 = base.top_k_correct(labeled_logits, batch['labels'], 1).mean()
+  return state, {'loss': loss, 'labeled_loss': labeled_loss, 'unlabeled_loss': unlabeled_loss,
+                 'unlabeled_weight': weight, 'mask_rate': mask.mean(),
+                 'max_prob': max_prob.mean(), 'train_top1': 100 * top1}
+
+
+def predict(state: base.TrainState, images, *, preprocess: network.Preprocess):
+  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                          preprocess.eval(images), train=False)
+  return {'model': logits}
+
+
+def batch_split(config) -> tuple[int, int]:
+  """(labeled, unlabeled) images per step: batch_size and mu * batch_size."""
+  return base.labeled_times_mu(config, config.pseudo_label.mu, 'pseudo_label')
+
+
+def steps_per_epoch(config, data) -> int:
+  """An epoch is one pass over the unlabeled pool."""
+  return base.unlabeled_epoch_steps(config, data, batch_split(config)[1])
+
+
+def build(config, data, num_steps: int) -> base.Method:
+  pl = config.pseudo_label
+  if pl.ramp_unit not in RAMP_UNITS:
+    raise UserError(f"pseudo_label.ramp_unit='{pl.ramp_unit}' is unknown; use 'steps' or 'epochs'.")
+  if not 0 <= pl.t1 <= pl.t2:
+    raise UserError(f'pseudo_label.t1={pl.t1} and t2={pl.t2} must satisfy 0 <= t1 <= t2.')
+  if not 0 <= pl.threshold <= 1:
+    raise UserError(f'pseudo_label.threshold={pl.threshold} is a probability; use 0 to 1.')
+  labeled, unlabeled = batch_split(config)
+  epoch_steps = steps_per_epoch(config, data)
+  model = network.build_model(config, data.num_classes)
+  spec = augment.AugmentSpec.from_config(config.augment)
+  preprocess = network.Preprocess(spec, data.mean, data.std)
+  tx = optim.make_optimizer(config.optimizer, num_steps)
+  weight_fn = functools.partial(
+      unlabeled_weight, t1=pl.t1, t2=pl.t2, final_weight=pl.final_weight,
+      steps_per_unit=float(epoch_steps if pl.ramp_unit == 'epochs' else 1))
+
+  def init(key):
+    variables = network.init_variables(model, key, data.labeled_images.shape[1:], spec)
+    return base.TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
+
+  return base.Method(
+      init=init,
+      train_step=functools.partial(train_step, preprocess=preprocess, weight_fn=weight_fn,
+                                   threshold=pl.threshold),
+      predict=functools.partial(predict, preprocess=preprocess),
+      reported_model='model', labeled_batch=labeled, unlabeled_batch=unlabeled,
+      steps_per_epoch=epoch_steps)

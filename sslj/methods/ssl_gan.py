@@ -1,0 +1,327 @@
+"""Semi-supervised GAN: a K+1-class discriminator and a feature-matching generator.
+
+The discriminator is a K-class classifier whose (K+1)-th logit, "generated",
+is fixed at 0 (`sslj.ops.gan`). It learns from three kinds of image per step:
+labeled images (cross-entropy over the K classes, with the configured
+augmentation), real unlabeled images (they are real: -log D(x)) and images
+of the generator (they are generated: -log(1 - D(G(z)))). The generator
+learns by feature matching: the mean pooled features the discriminator
+computes on its images should match those of the real unlabeled batch.
+
+One jitted step updates the pair: first the discriminator (on images of the
+generator as it was), then the generator against the updated discriminator.
+Each has its own Adam (beta1 0.5, as in the paper). The classifier reported
+is a Polyak (exponential moving) average of the discriminator's parameters.
+
+Real unlabeled images are not augmented: the generator's images are not, so
+augmentation would let the discriminator tell them apart by it. With
+`manifold_weight > 0` the discriminator also pays the manifold penalty of
+Lecouat et al. on a random latent step of length `manifold_eps`.
+
+The generator's health is logged: the discriminator's accuracy on real
+unlabeled images (D(x) > 0.5) and on generated ones (D(G(z)) < 0.5), and the
+spread of its batch (per-pixel std across the batch) relative to the real
+batch's. When that ratio stays under `collapse_fraction` for `collapse_logs`
+consecutive logs the run logs a warning (and `train/collapse` becomes 1;
+with `collapse_stop` the run stops with an error, its checkpoints kept). The
+count restarts when a run resumes.
+
+At each evaluation a grid of samples for fixed latent vectors is written to
+`workdir/samples/step_XXXXXX.png`; `python -m sslj.viz` draws the same grid
+from a checkpoint (`pictures`).
+
+References: Salimans, Goodfellow, Zaremba, Cheung, Radford, Chen. Improved
+Techniques for Training GANs. NeurIPS 2016. Lecouat, Foo, Zenati,
+Chandrasekhar. Manifold regularization with GANs for semi-supervised
+learning. arXiv:1807.04307, 2018. Polyak, Juditsky. Acceleration of
+stochastic approximation by averaging. SIAM J. Control Optim. 1992.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sslj import models
+from sslj.data import augment
+from sslj.errors import UserError
+from sslj.methods import base, network
+from sslj.ops import ema, gan, optim
+from sslj.viz import grids
+
+SAMPLE_ZOOM_PX = 56  # a sample tile's side in the saved grid is about this many pixels
+
+
+class GanState(flax.struct.PyTreeNode):
+  step: jax.Array
+  discriminator: base.TrainState
+  generator: base.TrainState
+  discriminator_ema: ema.EmaState  # the reported classifier's parameters = .average
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The fixed arguments of the step (hashable, bound with functools.partial)."""
+  latent_dim: int
+  unsupervised_weight: float
+  manifold_weight: float
+  manifold_eps: float
+
+
+def _generate(gen: base.TrainState, params, z, train: bool):
+  """Generated images in [0, 1] and the generator's updated BatchNorm statistics."""
+  variables = {'params': params, 'batch_stats': gen.batch_stats}
+  if not train:
+    return gen.apply_fn(variables, z, train=False), gen.batch_stats
+  images, updates = gen.apply_fn(variables, z, train=True, mutable=['batch_stats'])
+  return images, updates['batch_stats']
+
+
+def _latents(key, batch, settings: Settings):
+  return jax.random.normal(key, (batch, settings.latent_dim), jnp.float32)
+
+
+def discriminator_step(state: GanState, batch: base.Batch, key, *, preprocess: network.Preprocess,
+                       average: ema.ParameterEma, settings: Settings):
+  """Updates the discriminator (and its average); the generator is left as it is."""
+  disc, gen = state.discriminator, state.generator
+  aug_key, z_key, dropout_key, delta_key = jax.random.split(key, 4)
+  num_labeled = batch['labeled_images'].shape[0]
+  num_unlabeled = batch['unlabeled_images'].shape[0]
+  x_labeled = preprocess.train(batch['labeled_images'], aug_key)
+  x_unlabeled = preprocess.eval(batch['unlabeled_images'])
+  z = _latents(z_key, num_unlabeled, settings)
+  # The generator runs as in its own step (batch statistics); its updated
+  # statistics are dropped here, its step keeps them.
+  fake_pixels, _ = _generate(gen, gen.params, z, train=True)
+  fake_pixels = jax.lax.stop_gradient(fake_pixels)
+  fake = augment.normalize(fake_pixels, preprocess.mean, preprocess.std)
+  if settings.manifold_weight:
+    near, _ = _generate(gen, gen.params, gan.perturb_latent(z, delta_key, settings.manifold_eps),
+                        train=True)
+    near = augment.normalize(jax.lax.stop_gradient(near), preprocess.mean, preprocess.std)
+
+  def loss_fn(params):
+    logits, updates = disc.apply_fn(
+        {'params': params, 'batch_stats': disc.batch_stats},
+        jnp.concatenate([x_labeled, x_unlabeled, fake]), train=True, mutable=['batch_stats'],
+        rngs={'dropout': dropout_key})
+    logits = logits.astype(jnp.float32)
+    labeled, unlabeled = logits[:num_labeled], logits[num_labeled:num_labeled + num_unlabeled]
+    generated = logits[num_labeled + num_unlabeled:]
+    class_loss = network.cross_entropy(labeled, batch['labels'])
+    real_loss, fake_loss = gan.unlabeled_loss(unlabeled), gan.generated_loss(generated)
+    manifold = jnp.zeros((), jnp.float32)
+    if settings.manifold_weight:
+      # Deterministic passes, so the difference is the latent step's, not dropout's.
+      pair = disc.apply_fn({'params': params, 'batch_stats': disc.batch_stats},
+                           jnp.concatenate([fake, near]), train=False)
+      manifold = gan.manifold_penalty(pair[:num_unlabeled], pair[num_unlabeled:])
+    loss = (class_loss + settings.unsupervised_weight * (real_loss + fake_loss)
+            + settings.manifold_weight * manifold)
+    return loss, (class_loss, real_loss, fake_loss, manifold, labeled, unlabeled, generated,
+                  updates['batch_stats'])
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(disc.params)
+  class_loss, real_loss, fake_loss, manifold, labeled, unlabeled, generated, stats = aux
+  disc = disc.apply_gradients(grads, stats)
+  _, averaged = average.update(disc.params, state.discriminator_ema)
+  real_spread = gan.batch_spread(batch['unlabeled_images'].astype(jnp.float32) / 255.0)
+  fake_spread = gan.batch_spread(fake_pixels)
+  metrics = {
+      'd_loss': loss, 'class_loss': class_loss, 'unlabeled_loss': real_loss,
+      'generated_loss': fake_loss, 'manifold_loss': manifold,
+      'train_top1': 100 * base.top_k_correct(labeled, batch['labels'], 1).mean(),
+      'd_real_accuracy': 100 * jnp.mean(gan.real_probability(unlabeled) > 0.5),
+      'd_fake_accuracy': 100 * jnp.mean(gan.real_probability(generated) < 0.5),
+      'real_spread': real_spread, 'fake_spread': fake_spread,
+      'spread_ratio': fake_spread / jnp.maximum(real_spread, 1e-12)}
+  return state.replace(discriminator=disc, discriminator_ema=averaged), metrics
+
+
+def generator_loss(gen_params, disc_params, state: GanState, z, x_real, key, *,
+                   preprocess: network.Preprocess):
+  """Feature matching of G(z) against real images, through the discriminator.
+
+  The discriminator's parameters and the real features are constants here,
+  so the gradient reaches only the generator's parameters. Returns (loss,
+  the generator's new BatchNorm statistics).
+  """
+  disc = state.discriminator
+  disc_params = jax.lax.stop_gradient(disc_params)
+  images, stats = _generate(state.generator, gen_params, z, train=True)
+  fake = augment.normalize(images, preprocess.mean, preprocess.std)
+  features, _ = disc.apply_fn(
+      {'params': disc_params, 'batch_stats': disc.batch_stats},
+      jnp.concatenate([x_real, fake]), train=True, return_features=True,
+      mutable=['batch_stats'], rngs={'dropout': key})
+  features = features.astype(jnp.float32)
+  real_features = jax.lax.stop_gradient(features[:x_real.shape[0]])
+  return gan.feature_matching(real_features, features[x_real.shape[0]:]), stats
+
+
+def generator_step(state: GanState, batch: base.Batch, key, *, preprocess: network.Preprocess,
+                   settings: Settings):
+  """Updates the generator against the current discriminator, which it leaves as it is."""
+  z_key, dropout_key = jax.random.split(key)
+  x_real = preprocess.eval(batch['unlabeled_images'])
+  z = _latents(z_key, x_real.shape[0], settings)
+  (loss, stats), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+      state.generator.params, state.discriminator.params, state, z, x_real, dropout_key,
+      preprocess=preprocess)
+  return state.replace(generator=state.generator.apply_gradients(grads, stats)), {'g_loss': loss}
+
+
+def train_step(state: GanState, batch: base.Batch, key, *, preprocess: network.Preprocess,
+               average: ema.ParameterEma, settings: Settings):
+  """One step: the discriminator's update, then the generator's against it."""
+  d_key, g_key = jax.random.split(key)
+  state, d_metrics = discriminator_step(state, batch, d_key, preprocess=preprocess,
+                                        average=average, settings=settings)
+  state, g_metrics = generator_step(state, batch, g_key, preprocess=preprocess,
+                                    settings=settings)
+  metrics = {**d_metrics, **g_metrics, 'loss': d_metrics['d_loss'] + g_metrics['g_loss']}
+  return state.replace(step=state.step + 1), metrics
+
+
+def predict(state: GanState, images, *, preprocess: network.Preprocess):
+  x = preprocess.eval(images)
+  disc = state.discriminator
+  return {'discriminator': disc.apply_fn({'params': disc.params, 'batch_stats': disc.batch_stats},
+                                         x, train=False),
+          'discriminator_ema': disc.apply_fn({'params': state.discriminator_ema.average,
+                                              'batch_stats': disc.batch_stats}, x, train=False)}
+
+
+class CollapseWatch:
+  """Host-side: warns when the generated batch's spread stays too small.
+
+  `__call__(step, scalars)` is the loop's `on_log` hook: it counts
+  consecutive logs whose `spread_ratio` is under `fraction` and returns
+  `{'low_spread_logs': count, 'collapse': 0 or 1}`; at `patience` logs it
+  logs a warning (and, with `stop`, raises UserError).
+  """
+
+  def __init__(self, fraction: float, patience: int, stop: bool = False):
+    self.fraction, self.patience, self.stop = fraction, patience, stop
+    self.count = 0
+
+  def __call__(self, step: int, scalars: dict) -> dict:
+    ratio = float(scalars['spread_ratio'])
+    self.count = self.count + 1 if ratio < self.fraction else 0
+    collapsed = self.patience > 0 and self.count >= self.patience
+    if collapsed:
+      message = (f'GAN MODE COLLAPSE at step {step}: the generated batch spread has been under '
+                 f'{self.fraction:g} of the real batch spread for {self.count} consecutive logs '
+                 f'(now {ratio:.3f}): the generator makes nearly the same image for every z. Lower '
+                 'the learning rates or restart from an earlier checkpoint.')
+      logging.warning(message)
+      if self.stop:
+        raise UserError(message + ' Stopped (ssl_gan.collapse_stop=True).')
+    return {'low_spread_logs': float(self.count), 'collapse': float(collapsed)}
+
+
+def image_shape(config, data) -> tuple[int, int, int]:
+  """(H, W, C) the discriminator sees, which the generator must produce."""
+  h, w, c = data.labeled_images.shape[1:]
+  size = config.augment.get('out_size')
+  return (size, size, c) if size else (h, w, c)
+
+
+def build_generator(config, data):
+  cfg = config.ssl_gan
+  return models.build_generator(cfg.generator, image_shape=image_shape(config, data),
+                                dtype=network.compute_dtype(config.model.dtype),
+                                base_width=cfg.generator_width, upsample=cfg.upsample)
+
+
+def fixed_latents(config) -> np.ndarray:
+  """The latent vectors of every sample grid of a run (the same at each eval)."""
+  rng = np.random.RandomState(config.seed)
+  return rng.randn(config.ssl_gan.num_samples, config.ssl_gan.latent_dim).astype(np.float32)
+
+
+def _local(tree):
+  """A replicated global array's copy on this process, as numpy (no collective)."""
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if hasattr(
+      a, 'addressable_data') else np.asarray(a), tree)
+
+
+def sample_grid(generator, variables, z: np.ndarray) -> np.ndarray:
+  """uint8 RGB grid of the generator's images for latents z (running BN statistics)."""
+  images = np.asarray(jax.jit(functools.partial(generator.apply, train=False))(variables, z))
+  cols = grids.square_cols(len(images))
+  return grids.tile(images, cols=cols, zoom=grids.zoom_for(images.shape[1:3], SAMPLE_ZOOM_PX))
+
+
+def _generator_variables(state: GanState):
+  return _local({'params': state.generator.params, 'batch_stats': state.generator.batch_stats})
+
+
+def pictures(state: GanState, config, data) -> dict:
+  """`python -m sslj.viz` hook: the generator's samples for the run's fixed latents."""
+  grid = sample_grid(build_generator(config, data), _generator_variables(state),
+                     fixed_latents(config))
+  return {'samples': (grid, f'{config.ssl_gan.num_samples} generated images for fixed latent '
+                            'vectors (the same at every evaluation of the run; BatchNorm with '
+                            'running statistics).')}
+
+
+def batch_split(config) -> tuple[int, int]:
+  """(labeled, unlabeled) images per step; as many images are generated as unlabeled."""
+  return base.labeled_share(config, config.ssl_gan.labeled_batch_size, 'ssl_gan')
+
+
+def steps_per_epoch(config, data) -> int:
+  """An epoch is one pass over the unlabeled pool."""
+  return base.unlabeled_epoch_steps(config, data, batch_split(config)[1])
+
+
+def build(config, data, num_steps: int) -> base.Method:
+  cfg = config.ssl_gan
+  labeled, unlabeled = batch_split(config)
+  epoch_steps = steps_per_epoch(config, data)
+  spec = augment.AugmentSpec.from_config(config.augment)
+  preprocess = network.Preprocess(spec, data.mean, data.std)
+  disc_model = network.build_model(config, data.num_classes)
+  gen_model = build_generator(config, data)
+  disc_tx = optim.make_optimizer(config.optimizer, num_steps)
+  gen_opt = config.optimizer.copy_and_resolve_references()
+  if cfg.generator_learning_rate:
+    gen_opt.learning_rate = cfg.generator_learning_rate
+  gen_tx = optim.make_optimizer(gen_opt, num_steps)
+  average = ema.parameter_ema(cfg.ema_decay)
+  settings = Settings(latent_dim=cfg.latent_dim, unsupervised_weight=cfg.unsupervised_weight,
+                      manifold_weight=cfg.manifold_weight, manifold_eps=cfg.manifold_eps)
+
+  def init(key):
+    d_key, g_key = jax.random.split(key)
+    d_vars = network.init_variables(disc_model, d_key, data.labeled_images.shape[1:], spec)
+    g_vars = gen_model.init(g_key, jnp.zeros((1, cfg.latent_dim), jnp.float32), train=False)
+    disc = base.TrainState.create(apply_fn=disc_model.apply, variables=d_vars, tx=disc_tx)
+    gen = base.TrainState.create(apply_fn=gen_model.apply, variables=g_vars, tx=gen_tx)
+    return GanState(step=jnp.zeros((), jnp.int32), discriminator=disc, generator=gen,
+                    discriminator_ema=average.init(disc.params))
+
+  latents = fixed_latents(config)
+
+  def on_eval(state: GanState, step: int, workdir: str) -> None:
+    path = os.path.join(workdir, 'samples', f'step_{step:06d}.png')
+    grids.save_png(path, sample_grid(gen_model, _generator_variables(state), latents))
+    logging.info('generated samples: %s', path)
+
+  return base.Method(
+      init=init,
+      train_step=functools.partial(train_step, preprocess=preprocess, average=average,
+                                   settings=settings),
+      predict=functools.partial(predict, preprocess=preprocess),
+      reported_model='discriminator_ema', labeled_batch=labeled, unlabeled_batch=unlabeled,
+      steps_per_epoch=epoch_steps, on_eval=on_eval,
+      on_log=CollapseWatch(cfg.collapse_fraction, cfg.collapse_logs, cfg.collapse_stop))

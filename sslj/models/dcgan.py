@@ -1,0 +1,178 @@
+"""DCGAN-style generator and discriminator for the semi-supervised GAN.
+
+Generator: z [B, latent_dim] -> Dense -> reshape to the smallest map ->
+BN, ReLU -> upsampling stages (x2 each, BN + ReLU, channels halving) -> the
+last stage gives the image channels -> sigmoid. The output is an image in
+[0, 1], the scale of `uint8 / 255`, so the method normalises generated and
+real images with the same per-channel mean and std before the discriminator
+sees them (a tanh output would need a different affine map for each). The
+number of stages is the largest that keeps the smallest map at least 4
+pixels high with the image size divisible by 2^stages (at most 4): 8x8 digits
+start at 4x4, 28x28 Fashion-MNIST at 7x7, 32x32 at 4x4, 96x96 at 6x6.
+
+Two upsampling variants:
+  'transpose': a stride-2 transposed convolution (DCGAN, Salimans et al.).
+  'resize': nearest-neighbour x2 resize, then a stride-1 convolution (Odena
+    et al.; no checkerboard artefacts, but 4x the multiply-adds at equal
+    kernel size).
+Measured with `nice -n 15 python -m benchmarks.gan_generator` (jitted forward
++ backward, batch 100, kernel 5, float32, best of 3 x 20 steps) on a 2-core
+CPU shared with other training jobs (load average 5-15), so the absolute
+figures are low and noisy; the ratio is what matters:
+  8x8x1:   transpose 13,479 img/s   resize 3,832 img/s   (3.5x)
+(the larger sizes were not measured yet: the machine was too loaded), so
+'transpose' is the default; at equal kernel size resize-convolution does 4x
+the multiply-adds of the last stages at every size.
+
+Discriminator: [input Gaussian noise] -> input dropout -> stages of
+[conv 3x3 stride 1, conv 3x3 stride 2] with LeakyReLU 0.2, each stage
+followed by dropout (and optional Gaussian noise) -> conv 3x3, two 1x1
+(network-in-network) convs -> global average pool = the feature layer that
+feature matching uses (`return_features=True`) -> K dense logits. Weight
+normalisation (on by default) replaces BatchNorm: the paper's D has no
+batch statistics, which would otherwise mix real and generated batches.
+The Gaussian noise draws from the 'dropout' rng stream, so training needs
+only that rng.
+
+References:
+  Radford, Metz, Chintala. Unsupervised Representation Learning with Deep
+    Convolutional Generative Adversarial Networks. ICLR 2016.
+  Salimans, Goodfellow, Zaremba, Cheung, Radford, Chen. Improved Techniques
+    for Training GANs. NeurIPS 2016 (the CIFAR-10 generator and
+    discriminator; weight norm, dropout, Gaussian noise layers).
+  Salimans, Kingma. Weight Normalization. NeurIPS 2016.
+  Odena, Dumoulin, Olah. Deconvolution and Checkerboard Artifacts.
+    Distill 2016 (resize-convolution).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sslj.models.heads import classifier_heads
+
+UPSAMPLING = ('transpose', 'resize')
+MAX_STAGES = 4
+MIN_START = 4  # the generator's smallest map is at least this many pixels high
+
+
+def num_stages(height: int, width: int) -> int:
+  """Upsampling stages for an image size (see the module docstring)."""
+  n = 0
+  while (n < MAX_STAGES and height % 2 ** (n + 1) == 0 and width % 2 ** (n + 1) == 0
+         and height // 2 ** (n + 1) >= MIN_START and width // 2 ** (n + 1) >= MIN_START):
+    n += 1
+  return n
+
+
+class DCGANGenerator(nn.Module):
+  """Latent vectors -> images in [0, 1].
+
+  Attributes:
+    image_shape: (H, W, C) of the output.
+    base_width: channels of the smallest map; each stage halves them
+      (never below 32); the last stage gives C.
+    upsample: 'transpose' or 'resize' (see the module docstring).
+    kernel_size: kernel of every upsampling convolution.
+    dtype: compute dtype; parameters and the output stay float32.
+  """
+  image_shape: Sequence[int]
+  base_width: int = 256
+  upsample: str = 'transpose'
+  kernel_size: int = 5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z, train: bool = False):
+    if self.upsample not in UPSAMPLING:
+      raise ValueError(f"upsample={self.upsample!r}; use one of {UPSAMPLING}")
+    h, w, c = self.image_shape
+    stages = num_stages(h, w)
+    h0, w0 = h // 2 ** stages, w // 2 ** stages
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32)
+    k = (self.kernel_size, self.kernel_size)
+    x = nn.Dense(h0 * w0 * self.base_width, use_bias=False, dtype=self.dtype,
+                 param_dtype=jnp.float32)(jnp.asarray(z, self.dtype))
+    x = nn.relu(norm()(x.reshape(z.shape[0], h0, w0, self.base_width)))
+    if stages == 0:  # an image too small to upsample into: one convolution
+      x = nn.Conv(c, k, padding='SAME', dtype=self.dtype, param_dtype=jnp.float32)(x)
+    for i in range(stages):
+      last = i == stages - 1
+      width = c if last else max(32, self.base_width // 2 ** (i + 1))
+      if self.upsample == 'transpose':
+        x = nn.ConvTranspose(width, k, strides=(2, 2), padding='SAME', use_bias=last,
+                             dtype=self.dtype, param_dtype=jnp.float32)(x)
+      else:
+        b, hh, ww, cc = x.shape
+        x = jax.image.resize(x, (b, 2 * hh, 2 * ww, cc), 'nearest')
+        x = nn.Conv(width, k, padding='SAME', use_bias=last, dtype=self.dtype,
+                    param_dtype=jnp.float32)(x)
+      if not last:
+        x = nn.relu(norm()(x))
+    return nn.sigmoid(x.astype(jnp.float32))
+
+
+class DCGANDiscriminator(nn.Module):
+  """The K-logit discriminator/classifier (the K+1-th logit is fixed at 0).
+
+  Attributes:
+    num_classes: K.
+    num_heads: linear heads on the pooled features.
+    widths: channels of each [conv, conv stride 2] stage; (32, 64) is sized
+      for CPU runs on digits and Fashion-MNIST (the paper's CIFAR-10 D has
+      three convs per stage at 96 and 192 channels).
+    dropout_rate: dropout after each stage (0.5 in the paper).
+    input_dropout: dropout on the input image (0.2 in the paper).
+    input_noise_std / noise_std: Gaussian noise on the input / after each
+      stage in training (the paper's MNIST D used 0.3 / 0.5).
+    weight_norm: weight-normalised convolutions (the paper's choice).
+    negative_slope: of the LeakyReLUs.
+    dtype: compute dtype; parameters stay float32, features and logits are
+      float32.
+  """
+  num_classes: int
+  num_heads: int = 1
+  widths: Sequence[int] = (32, 64)
+  dropout_rate: float = 0.5
+  input_dropout: float = 0.2
+  input_noise_std: float = 0.0
+  noise_std: float = 0.0
+  weight_norm: bool = True
+  negative_slope: float = 0.2
+  dtype: Any = jnp.float32
+
+  def _noise(self, x, std, train):
+    if not train or std <= 0:
+      return x
+    return x + std * jax.random.normal(self.make_rng('dropout'), x.shape, x.dtype)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, return_features: bool = False):
+    def conv(y, features, kernel, stride=1):
+      layer = nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding='SAME',
+                      dtype=self.dtype, param_dtype=jnp.float32)
+      if self.weight_norm:
+        layer = nn.WeightNorm(layer)
+      return nn.leaky_relu(layer(y), negative_slope=self.negative_slope)
+
+    x = jnp.asarray(x, self.dtype)
+    x = self._noise(x, self.input_noise_std, train)
+    x = nn.Dropout(self.input_dropout, deterministic=not train)(x)
+    for width in self.widths:
+      x = conv(x, width, 3)
+      # Halve the map while it is at least 4 high, so 8x8 digits keep 2x2.
+      x = conv(x, width, 3, stride=2 if min(x.shape[1], x.shape[2]) >= 4 else 1)
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+      x = self._noise(x, self.noise_std, train)
+    x = conv(x, self.widths[-1], 3)
+    x = conv(x, self.widths[-1], 1)
+    x = conv(x, self.widths[-1], 1)
+    # Pool in float32: a bf16 mean over many positions loses precision.
+    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return classifier_heads(self, features, return_features)

@@ -1,0 +1,247 @@
+"""DeepCluster: NMI, the cluster-uniform sampler, re-clustering, the head, AlexNet, runs."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from scipy import ndimage, stats
+from sklearn import metrics
+
+from conftest import tiny_config
+from sslj import checkpoint, models, parallel, train
+from sslj.data import augment
+from sslj.errors import UserError
+from sslj.methods import deep_cluster as dc
+from sslj.ops import kmeans, nmi
+from sslj.use import evaluate, export
+
+
+def _config(data_dir, **overrides):
+  return tiny_config('deep_cluster', **{
+      'data.data_dir': data_dir, 'num_epochs': 0.0, 'eval_every': 0,
+      'deep_cluster.steps_per_epoch': 4, 'deep_cluster.num_clusters': 10, **overrides})
+
+
+@pytest.mark.parametrize('n,ka,kb,seed', [(50, 3, 4, 0), (200, 10, 10, 1), (500, 40, 7, 2),
+                                          (30, 30, 2, 3), (100, 1, 5, 4)])
+def test_nmi_matches_sklearn(n, ka, kb, seed):
+  rng = np.random.default_rng(seed)
+  a = rng.integers(0, ka, n)
+  # Partly dependent on a, with arbitrary (sparse, negative) label values.
+  b = np.where(rng.random(n) < 0.6, a % kb, rng.integers(0, kb, n)) * 7 - 3
+  want = metrics.normalized_mutual_info_score(a, b)
+  assert nmi.normalized_mutual_info(a, b) == pytest.approx(want, rel=1e-9, abs=1e-12)
+  assert nmi.normalized_mutual_info(b, a) == pytest.approx(want, rel=1e-9, abs=1e-12)
+  # Renaming clusters changes nothing; a labeling against itself scores 1.
+  assert nmi.normalized_mutual_info(a, rng.permutation(ka)[a]) == pytest.approx(1.0)
+
+
+def test_nmi_edge_cases_match_sklearn():
+  cases = [([0, 0, 0], [1, 1, 1]), ([0, 0, 0], [0, 1, 2]), ([0, 1, 0, 1], [0, 0, 1, 1]),
+           ([5, 5, 2, 2], [1, 1, 0, 0])]
+  for a, b in cases:
+    assert nmi.normalized_mutual_info(a, b) == pytest.approx(
+        metrics.normalized_mutual_info_score(a, b), abs=1e-12)
+
+
+def test_sampler_draws_uniformly_over_nonempty_clusters_then_images():
+  sizes = np.array([0, 1, 5, 0, 20, 3, 50, 0])
+  labels = np.random.default_rng(0).permutation(np.repeat(np.arange(8), sizes))
+  tables = dc.cluster_tables(labels, 8)
+  np.testing.assert_array_equal(tables.size, sizes)
+  assert tables.num_nonempty == 5
+  n = 40000
+  draw = jax.jit(functools.partial(dc.sample_uniform_over_clusters, n=n))
+  idx = np.asarray(draw(jax.tree.map(jnp.asarray, tables), jax.random.key(1)))
+  assert idx.min() >= 0 and idx.max() < len(labels)
+  drawn = labels[idx]
+  freq = np.bincount(drawn, minlength=8) / n
+  # Empty clusters never; each of the 5 others 1/5 (std 0.002 at n=40,000,
+  # while drawing images uniformly would give 1/79 .. 50/79).
+  np.testing.assert_array_equal(freq[sizes == 0], 0)
+  np.testing.assert_allclose(freq[sizes > 0], 0.2, atol=0.01)
+  # Within its cluster every image equally likely: a chi-square test of
+  # the image counts against n / (5 * size of the image's cluster).
+  counts = np.bincount(idx, minlength=len(labels))
+  expected = n / (5 * sizes[labels])
+  assert stats.chisquare(counts, expected).pvalue > 1e-3
+
+
+def test_sampler_hook_replaces_only_the_unlabeled_draw():
+  mesh = parallel.make_mesh()
+  images = np.random.default_rng(0).integers(0, 256, (37, 4, 4, 1)).astype(np.uint8)
+  data = train.TrainData(labeled=parallel.put_resident(images[:5], mesh),
+                         labels=jnp.arange(5, dtype=jnp.int32),
+                         unlabeled=parallel.put_resident(images, mesh))
+  sample = functools.partial(train.sample_batch, mesh=mesh, labeled_batch=4, unlabeled_batch=8)
+  key = jax.random.key(3)
+  default = jax.jit(sample)(data, key)
+  assert set(default) == {'labeled_images', 'labels', 'unlabeled_images'}
+  # A hook that draws as the loop does gives the very same batch, plus the indices.
+  uniform = lambda state, k, n: jax.random.randint(k, (n,), 0, 37)
+  hooked = jax.jit(functools.partial(sample, sample_unlabeled=uniform))(data, key)
+  for name in default:
+    np.testing.assert_array_equal(default[name], hooked[name])
+  np.testing.assert_array_equal(images[np.asarray(hooked['unlabeled_indices'])],
+                                hooked['unlabeled_images'])
+  # A hook reading the state draws what it says.
+  fixed = lambda state, k, n: jnp.full((n,), state, jnp.int32)
+  got = jax.jit(functools.partial(sample, sample_unlabeled=fixed))(data, key, 11)
+  np.testing.assert_array_equal(got['unlabeled_images'], np.repeat(images[11:12], 8, 0))
+
+
+def test_sobel_matches_scipy():
+  x = np.random.default_rng(0).normal(size=(2, 6, 7, 3)).astype(np.float32)
+  got = np.asarray(jax.jit(dc.sobel)(x))
+  gray = x.mean(-1)
+  for c, k in enumerate((dc._SOBEL_X, dc._SOBEL_X.T)):  # pylint: disable=protected-access
+    want = np.stack([ndimage.correlate(g, k, mode='constant') for g in gray])
+    np.testing.assert_allclose(got[..., c], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('size,channels,kernel,stride,final', [
+    (224, 3, 11, 4, 7), (96, 3, 11, 2, 6), (28, 1, 5, 1, 7), (8, 1, 5, 1, 4)])
+def test_alexnet_adapts_conv1_and_keeps_the_paper_layers(size, channels, kernel, stride, final):
+  model = models.build('alexnet', num_classes=7, widths=(4, 5, 6, 6, 5), fc_width=16)
+  x = jnp.zeros((2, size, size, channels))
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+  p = variables['params']
+  convs = [p[f'Conv_{i}']['kernel'].shape for i in range(5)]
+  assert [c[:2] for c in convs] == [(kernel, kernel), (5, 5), (3, 3), (3, 3), (3, 3)]
+  assert [c[3] for c in convs] == [4, 5, 6, 6, 5]
+  assert len(variables['batch_stats']) == 5
+  assert p['fc6']['kernel'].shape == (final * final * 5, 16)
+  assert p['fc7']['kernel'].shape == (16, 16) and p['head']['kernel'].shape == (16, 7)
+  apply = lambda **kw: jax.eval_shape(functools.partial(model.apply, **kw), variables, x).shape
+  assert apply() == (2, 7) and apply(return_features=True) == (2, 16)
+  assert models.build('alexnet', num_classes=3).widths == (96, 256, 384, 384, 256)
+
+
+def _method(data_dir, **overrides):
+  config = _config(data_dir, **overrides)
+  data = train.load_data(config)
+  method = dc.build(config, data, config.num_steps)
+  state = jax.jit(method.init)(jax.random.key(0))
+  return config, data, method, state
+
+
+def test_pseudo_labels_are_kmeans_assignments_of_whitened_features(data_dir):
+  config, data, method, state = _method(data_dir)
+  state = method.on_epoch_start(state, 0)
+  # The reference: features in one call, numpy PCA whitening and L2 norm.
+  x = augment.normalize(jnp.asarray(data.unlabeled_images, jnp.float32) / 255, data.mean,
+                        data.std)
+  f = np.asarray(jax.jit(functools.partial(state.apply_fn, train=False, return_features=True))(
+      {'params': state.params, 'batch_stats': state.batch_stats}, x), np.float64)
+  evals, evecs = np.linalg.eigh(np.cov(f, rowvar=False))
+  top = np.argsort(evals)[::-1][:min(config.deep_cluster.pca_dim, f.shape[1])]
+  assert len(top) < f.shape[1]  # the default reduces small_cnn's 128 features
+  white = (f - f.mean(0)) @ evecs[:, top] / np.sqrt(np.maximum(evals[top], 0) + 1e-5)
+  white /= np.linalg.norm(white, axis=1, keepdims=True)
+  # k-means is sign-blind per axis (the PCA signs are a convention).
+  ref = kmeans.kmeans(white.astype(np.float32), 10, num_iters=config.deep_cluster.kmeans_iters,
+                      key=dc.kmeans_key(config.seed, 0))
+  labels = np.asarray(state.tables.labels)
+  np.testing.assert_array_equal(labels, np.asarray(ref.assignments))
+  # The sampling tables describe the same partition.
+  t = jax.device_get(state.tables)
+  np.testing.assert_array_equal(t.size, np.bincount(labels, minlength=10))
+  np.testing.assert_array_equal(labels[t.order], np.sort(labels))
+  np.testing.assert_array_equal(t.start, np.cumsum(t.size) - t.size)
+  assert t.num_nonempty == np.count_nonzero(t.size)
+  assert float(state.cluster_metrics['nonempty_clusters']) == t.num_nonempty
+  assert np.isnan(state.cluster_metrics['nmi_previous'])
+  # The next epoch compares with these labels.
+  again = method.on_epoch_start(state, 1)
+  assert float(again.cluster_metrics['nmi_previous']) == pytest.approx(
+      metrics.normalized_mutual_info_score(labels, np.asarray(again.tables.labels)), rel=1e-6)
+
+
+def test_epoch_start_resets_the_head_and_its_momentum_only(data_dir):
+  _, _, method, state = _method(data_dir)
+  state = method.on_epoch_start(state, 0)
+  batch = {'unlabeled_images': jnp.asarray(np.zeros((16, 8, 8, 1), np.uint8) + 40),
+           'unlabeled_indices': jnp.arange(16)}
+  state, _ = jax.jit(method.train_step)(state, batch, jax.random.key(0))
+  trace = lambda s: s.opt_state[1][0].trace  # chain(decay, sgd): sgd's momentum
+  assert np.any(np.asarray(trace(state)['head']['kernel']) != 0)
+  new = method.on_epoch_start(state, 1)
+  assert not np.allclose(new.params['head']['kernel'], state.params['head']['kernel'])
+  np.testing.assert_array_equal(new.params['head']['bias'], 0)
+  np.testing.assert_array_equal(trace(new)['head']['kernel'], 0)
+  for name in state.params:
+    if name != 'head':
+      jax.tree.map(np.testing.assert_array_equal, new.params[name], state.params[name])
+      jax.tree.map(np.testing.assert_array_equal, trace(new)[name], trace(state)[name])
+  # Another epoch, another head; the same epoch again, the same head.
+  other = method.on_epoch_start(state, 2)
+  assert not np.allclose(other.params['head']['kernel'], new.params['head']['kernel'])
+  np.testing.assert_array_equal(method.on_epoch_start(state, 1).params['head']['kernel'],
+                                new.params['head']['kernel'])
+
+
+def test_tiny_run_reclusters_every_epoch_and_scores_both_probes(tmp_path, data_dir, monkeypatch):
+  resets = []
+  real = dc.reset_head
+  monkeypatch.setattr(dc, 'reset_head', lambda state, key: (
+      resets.append(int(state.step)), real(state, key))[1])
+  results = train.train_and_evaluate(_config(data_dir), str(tmp_path))
+  assert resets == [0, 4, 8]  # 12 steps, 4 per epoch
+  written = json.loads((tmp_path / 'results.json').read_text())
+  assert written == json.loads(json.dumps(results))
+  assert set(written['models']) == {'linear_probe', 'random_net_probe'}
+  assert written['top1'] == written['models']['linear_probe']['top1']
+  for scores in written['models'].values():
+    assert 10 < scores['top1'] <= scores['top5'] <= 100
+  lines = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  train_lines = [l for l in lines if 'train/loss' in l]
+  assert [l['step'] for l in train_lines] == [4, 8, 12]
+  assert train_lines[0]['train/nmi_previous'] == 'nan'
+  for l in train_lines:
+    assert 0 < l['train/nmi_test_labels'] <= 1 and 1 <= l['train/nonempty_clusters'] <= 10
+  assert all(0 < l['train/nmi_previous'] <= 1 for l in train_lines[1:])
+  # --mode=probe scores the same features with the same probe; no export.
+  record = evaluate.evaluate(str(tmp_path), with_probes=True)
+  assert record['models'] == written['models']
+  assert record['probes']['linear']['top1'] == written['models']['linear_probe']['top1']
+  with pytest.raises(UserError, match='--mode=probe'):
+    export.export(str(tmp_path), out=str(tmp_path / 'export'))
+
+
+def _checkpointed(workdir):
+  ckpt = checkpoint.Checkpointer(workdir, every=0, keep=10)
+  step = ckpt.latest_step()
+  restored = ocp.PyTreeCheckpointer().restore(f'{ckpt.directory}/{step}/default')
+  ckpt.close()
+  return step, restored
+
+
+def test_resume_across_an_epoch_boundary_equals_a_straight_run(tmp_path, data_dir, monkeypatch):
+  # Epochs start at steps 0, 4, 8; the run dies after its checkpoint at 6.
+  config = _config(data_dir)
+  expected = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  real_save = checkpoint.Checkpointer.save
+
+  def save_then_die(self, step, state, force=False):
+    if real_save(self, step, state, force=force):
+      raise KeyboardInterrupt('killed after the first checkpoint')
+    return False
+
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save', save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save', real_save)
+  assert _checkpointed(str(tmp_path / 'resumed'))[0] == 6
+  got = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert got['models'] == expected['models']
+  (step_a, a), (step_b, b) = (_checkpointed(str(tmp_path / d)) for d in ('straight', 'resumed'))
+  assert step_a == step_b == 12
+  for field in ('params', 'batch_stats', 'tables', 'cluster_metrics'):
+    jax.tree.map(np.testing.assert_array_equal, a[field], b[field])
+  shape = lambda d: [json.loads(l) for l in open(tmp_path / d / 'metrics.jsonl')]
+  strip = lambda rows: [{k: v for k, v in r.items() if k != 'train/steps_per_s'} for r in rows]
+  assert strip(shape('resumed')) == strip(shape('straight'))

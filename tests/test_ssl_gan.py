@@ -1,0 +1,214 @@
+"""Semi-supervised GAN: K+1 losses and feature matching against numpy, the split step,
+collapse detection, and a tiny run that writes results and sample grids."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_config
+from sslj import models, train
+from sslj.methods import ssl_gan
+from sslj.ops import gan
+
+
+def _np_k_plus_one(logits):
+  """(log P(real), log P(generated)) per row from the explicit K+1 softmax in float64.
+
+  The (K+1)-th logit is a literal 0 column; log-softmax with the max shifted
+  out, then log of the sum of the K real-class probabilities, also shifted.
+  """
+  z = np.concatenate([np.asarray(logits, np.float64), np.zeros((len(logits), 1))], axis=1)
+  m = z.max(axis=1, keepdims=True)
+  log_p = z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
+  real = log_p[:, :-1]
+  mr = real.max(axis=1, keepdims=True)
+  log_real = (mr + np.log(np.exp(real - mr).sum(axis=1, keepdims=True)))[:, 0]
+  return log_real, log_p[:, -1]
+
+
+def _logits():
+  rng = np.random.RandomState(0)
+  k = 10
+  rows = [rng.randn(k) * 3, rng.randn(k) * 3 - 6,
+          np.full(k, 1000.0), np.linspace(950, 1000, k),   # exp overflows float32/bfloat16
+          np.full(k, -1000.0), np.linspace(-1000, -900, k),  # P(real) underflows
+          np.r_[500.0, np.full(k - 1, -500.0)], np.r_[100.0, np.zeros(k - 1)]]
+  return np.stack(rows).astype(np.float32)
+
+
+@pytest.mark.parametrize('dtype,rtol,atol', [(jnp.float32, 1e-5, 1e-6),
+                                             (jnp.bfloat16, 2e-2, 2e-2)])
+def test_k_plus_one_losses_match_explicit_softmax(dtype, rtol, atol):
+  logits = jnp.asarray(_logits(), dtype)
+  # The reference sees exactly the (rounded) values the function sees.
+  log_real, log_fake = _np_k_plus_one(np.asarray(logits.astype(jnp.float32)))
+  got = jax.jit(gan.log_real_probability)(logits)
+  assert got.dtype == dtype and bool(jnp.all(jnp.isfinite(got)))
+  np.testing.assert_allclose(np.asarray(got, np.float64), log_real, rtol=rtol, atol=atol)
+  np.testing.assert_allclose(float(jax.jit(gan.unlabeled_loss)(logits)), -log_real.mean(),
+                             rtol=rtol, atol=atol)
+  np.testing.assert_allclose(float(jax.jit(gan.generated_loss)(logits)), -log_fake.mean(),
+                             rtol=rtol, atol=atol)
+  np.testing.assert_allclose(np.asarray(jax.jit(gan.real_probability)(logits), np.float64),
+                             np.exp(log_real), rtol=rtol, atol=atol)
+  # The naive formula, D = Z / (Z + 1) with Z = sum exp(l), overflows on these rows.
+  z = jnp.sum(jnp.exp(logits), axis=-1)
+  naive = jnp.log(z / (z + 1))
+  assert not bool(jnp.all(jnp.isfinite(naive)))
+
+
+def test_losses_have_finite_gradients_at_large_logits():
+  logits = jnp.asarray(_logits())
+  for fn in (gan.unlabeled_loss, gan.generated_loss):
+    g = jax.jit(jax.grad(fn))(logits)
+    assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_feature_matching_matches_numpy():
+  rng = np.random.RandomState(1)
+  real, fake = rng.randn(7, 5).astype(np.float32), rng.randn(9, 5).astype(np.float32) + 0.3
+  expected = np.sum((real.astype(np.float64).mean(0) - fake.astype(np.float64).mean(0)) ** 2)
+  np.testing.assert_allclose(float(jax.jit(gan.feature_matching)(real, fake)), expected,
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(jax.jit(gan.manifold_penalty)(real[:5], fake[:5])),
+                             np.mean(np.sum((real[:5] - fake[:5]) ** 2, -1)), rtol=1e-5)
+
+
+def _built(data_dir, **overrides):
+  config = tiny_config('ssl_gan', **{'data.data_dir': data_dir,
+                                     'ssl_gan.labeled_batch_size': 4, **overrides})
+  data = train.load_data(config)
+  method = ssl_gan.build(config, data, config.num_steps)
+  state = jax.jit(method.init)(jax.random.key(0))
+  rng = np.random.RandomState(0)
+  labeled, unlabeled = ssl_gan.batch_split(config)
+  pick = rng.randint(0, len(data.labeled_images), labeled)
+  batch = {'labeled_images': data.labeled_images[pick], 'labels': data.labeled_labels[pick],
+           'unlabeled_images': data.unlabeled_images[
+               rng.randint(0, len(data.unlabeled_images), unlabeled)]}
+  return config, data, method, state, batch
+
+
+def _leaves(tree):
+  return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
+
+
+def test_generator_loss_reaches_only_the_generator(data_dir):
+  config, _, method, state, batch = _built(data_dir)
+  preprocess = method.train_step.keywords['preprocess']
+  x_real = preprocess.eval(batch['unlabeled_images'])
+  z = jax.random.normal(jax.random.key(1), (x_real.shape[0], config.ssl_gan.latent_dim))
+
+  def loss(gen_params, disc_params):
+    return ssl_gan.generator_loss(gen_params, disc_params, state, z, x_real,
+                                  jax.random.key(2), preprocess=preprocess)[0]
+
+  g_gen, g_disc = jax.jit(jax.grad(loss, argnums=(0, 1)))(state.generator.params,
+                                                          state.discriminator.params)
+  assert np.all(_leaves(g_disc) == 0.0)
+  assert np.abs(_leaves(g_gen)).max() > 0
+
+
+def test_step_is_discriminator_then_generator_each_leaving_the_other(data_dir):
+  config, _, method, state, batch = _built(data_dir, **{'ssl_gan.manifold_weight': 0.1})
+  kw = method.train_step.keywords
+  key = jax.random.key(7)
+  full, metrics = jax.jit(method.train_step)(state, batch, key)
+  d_key, g_key = jax.random.split(key)
+  after_d, _ = jax.jit(lambda s: ssl_gan.discriminator_step(s, batch, d_key, **kw))(state)
+  after_g, _ = jax.jit(lambda s: ssl_gan.generator_step(
+      s, batch, g_key, preprocess=kw['preprocess'], settings=kw['settings']))(after_d)
+  # The discriminator's update leaves the generator exactly as it was ...
+  np.testing.assert_array_equal(_leaves(after_d.generator.params), _leaves(state.generator.params))
+  np.testing.assert_array_equal(_leaves(after_d.generator.opt_state),
+                                _leaves(state.generator.opt_state))
+  assert not np.allclose(_leaves(after_d.discriminator.params),
+                         _leaves(state.discriminator.params))
+  # ... and the generator's leaves the (updated) discriminator and its average.
+  np.testing.assert_array_equal(_leaves(after_g.discriminator.params),
+                                _leaves(after_d.discriminator.params))
+  np.testing.assert_array_equal(_leaves(after_g.discriminator_ema.average),
+                                _leaves(after_d.discriminator_ema.average))
+  assert not np.allclose(_leaves(after_g.generator.params), _leaves(after_d.generator.params))
+  # The two halves are the step.
+  for a, b in ((full.discriminator.params, after_g.discriminator.params),
+               (full.generator.params, after_g.generator.params),
+               (full.generator.batch_stats, after_g.generator.batch_stats)):
+    np.testing.assert_allclose(_leaves(a), _leaves(b), rtol=1e-5, atol=1e-6)
+  # The reported average after its first update: decay 0.5.
+  np.testing.assert_allclose(
+      _leaves(full.discriminator_ema.average),
+      0.5 * _leaves(state.discriminator.params) + 0.5 * _leaves(full.discriminator.params),
+      rtol=1e-6, atol=1e-7)
+  assert int(full.step) == 1 and float(metrics['manifold_loss']) > 0
+  np.testing.assert_allclose(float(metrics['loss']),
+                             float(metrics['d_loss']) + float(metrics['g_loss']), rtol=1e-6)
+
+
+def test_collapse_is_detected_on_a_collapsed_batch_only():
+  rng = np.random.RandomState(0)
+  real = rng.rand(32, 8, 8, 1).astype(np.float32)
+  collapsed = np.repeat(real[:1], 32, axis=0) + 1e-3 * rng.randn(32, 8, 8, 1).astype(np.float32)
+  spread = jax.jit(gan.batch_spread)
+  np.testing.assert_allclose(float(spread(real)), real.reshape(32, -1).std(0).mean(), rtol=1e-5)
+  ratio_collapsed = float(spread(collapsed) / spread(real))
+  ratio_spread = float(spread(real[::-1] * 0.9) / spread(real))
+  assert ratio_collapsed < 0.01 and ratio_spread == pytest.approx(0.9, rel=1e-5)
+
+  watch = ssl_gan.CollapseWatch(fraction=0.1, patience=3)
+  fired = [watch(step, {'spread_ratio': ratio_collapsed})['collapse'] for step in range(4)]
+  assert fired == [0.0, 0.0, 1.0, 1.0]
+  assert watch(4, {'spread_ratio': ratio_spread}) == {'low_spread_logs': 0.0, 'collapse': 0.0}
+  calm = ssl_gan.CollapseWatch(fraction=0.1, patience=3)
+  assert all(calm(s, {'spread_ratio': ratio_spread})['collapse'] == 0.0 for s in range(6))
+  from sslj.errors import UserError
+  stopper = ssl_gan.CollapseWatch(fraction=0.1, patience=1, stop=True)
+  with pytest.raises(UserError, match='COLLAPSE'):
+    stopper(1, {'spread_ratio': ratio_collapsed})
+
+
+@pytest.mark.parametrize('upsample', ['transpose', 'resize'])
+@pytest.mark.parametrize('shape', [(8, 8, 1), (28, 28, 1), (32, 32, 3), (96, 96, 3)])
+def test_generator_makes_images_of_the_dataset_size(shape, upsample):
+  model = models.build_generator('dcgan', image_shape=shape, upsample=upsample, base_width=32)
+  z = jax.ShapeDtypeStruct((2, 100), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 100))))
+  out = jax.eval_shape(lambda v, z: model.apply(v, z), variables, z)
+  assert (out.shape, out.dtype) == ((2,) + shape, jnp.float32)
+
+
+def test_tiny_run_writes_results_and_sample_grids(tmp_path, data_dir):
+  config = tiny_config('ssl_gan', **{'data.data_dir': data_dir,
+                                     'ssl_gan.labeled_batch_size': 4,
+                                     'ssl_gan.num_samples': 12})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / 'results.json') as f:
+    saved = json.load(f)
+  assert saved == results
+  assert set(saved['models']) == {'discriminator', 'discriminator_ema'}
+  assert saved['top1'] == saved['models']['discriminator_ema']['top1']
+  assert saved['method'] == 'ssl_gan' and saved['labels_per_class'] == 5
+  for step in (6, 12):
+    image = np.asarray(Image.open(tmp_path / 'samples' / f'step_{step:06d}.png'))
+    # 12 tiles of 8x8 digits zoomed x7 on a 4-column grid: 3 rows.
+    assert image.shape == (3 * 56 + 4 * 2, 4 * 56 + 5 * 2, 3)
+  logged = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  train_logs = [r for r in logged if 'train/loss' in r]
+  assert len(train_logs) == 3
+  for key in ('d_loss', 'g_loss', 'd_real_accuracy', 'd_fake_accuracy', 'spread_ratio',
+              'collapse', 'low_spread_logs'):
+    assert all(f'train/{key}' in r for r in train_logs), key
+  # viz's hook draws the final grid again from the checkpoint, pixel for pixel.
+  from sslj.use import restore
+  run = restore.restore(str(tmp_path), None)
+  grid, _ = ssl_gan.pictures(run.state, run.config, run.data)['samples']
+  np.testing.assert_array_equal(grid, np.asarray(Image.open(tmp_path / 'samples/step_000012.png')))
+  # The reported network (evaluate / export / viz) is the averaged discriminator.
+  net = run.network
+  logits = jax.jit(net.logits)(net.variables, run.data.test_images[:20])
+  expected = jax.jit(run.method.predict)(run.state, run.data.test_images[:20])
+  np.testing.assert_allclose(logits, expected['discriminator_ema'], rtol=1e-5, atol=1e-5)
