@@ -19,6 +19,15 @@ _RUN_CONTROL = ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints
                 'eval_batch_size', 'data.data_dir', 'data.manual_dir')
 
 
+# How many differing config fields a refusal shows with their values.
+_KEYS_SHOWN = 3
+
+
+def _short(value, limit: int = 60) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
 def atomic_write_json(path: str, value) -> None:
   tmp = f'{path}.tmp{os.getpid()}'
   with open(tmp, 'w') as f:
@@ -60,11 +69,13 @@ def claim_workdir(workdir: str, config) -> None:
     differ = sorted(k for k in set(a) | set(b)
                     if k not in _RUN_CONTROL and a.get(k) != b.get(k))
     if differ:
-      key = differ[0]
-      raise UserError(
-          f'{workdir} holds a run with a different config ({key}: {a.get(key)!r} there, '
-          f'{b.get(key)!r} now{", and %d more" % (len(differ) - 1) if len(differ) > 1 else ""}); '
-          'use a new --workdir or the same config.')
+      shown = '; '.join(f'{k}: {_short(a.get(k))} there, {_short(b.get(k))} now'
+                        for k in differ[:_KEYS_SHOWN])
+      more = differ[_KEYS_SHOWN:]
+      if more:
+        shown += f'; also {", ".join(more)}'
+      raise UserError(f'{workdir} holds a run with a different config ({shown}); use a new '
+                      '--workdir or the same config.')
   elif jax.process_index() == 0:
     atomic_write_json(path, current)
 
@@ -81,6 +92,19 @@ def wall_time_at(workdir: str, step: int) -> float:
   if step == 0 or not os.path.exists(path):
     return 0.0
   return float(_read_json(path)['wall_s'])
+
+
+def logged_eval(workdir: str, step: int) -> bool:
+  """Whether `metrics.jsonl` holds an evaluation at `step`."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    for line in f:
+      record = json.loads(line) if line.strip() else {}
+      if record.get('step') == step and any(k.startswith('eval/') for k in record):
+        return True
+  return False
 
 
 def write_results(workdir: str, results: dict) -> None:

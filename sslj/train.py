@@ -10,6 +10,7 @@ and noise an uninterrupted run would have.
 
 from __future__ import annotations
 
+import collections
 import functools
 import signal
 import time
@@ -135,6 +136,14 @@ def num_steps_for(config, module, data) -> int:
   return config.num_steps
 
 
+# How many steps the host may dispatch ahead of the device. JAX dispatches
+# asynchronously and the runtime would queue dozens of steps; queued work
+# cannot be cancelled, so on SIGTERM it would all run before the checkpoint
+# (tens of seconds with slow steps). One step queued behind the running one
+# keeps the device busy.
+DISPATCH_AHEAD = 1
+
+
 class _Preemption:
   """Turns SIGTERM into a flag the loop checks at each step boundary."""
 
@@ -228,13 +237,22 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
       if ckpt.save(step, state, force=True):
         run_files.record_wall_time(workdir, step, wall_before + time.perf_counter() - started)
 
+  def eval_due(step):
+    return config.eval_every > 0 and step % config.eval_every == 0 and 0 < step < num_steps
+
   if start_step:
     logging.info('Resuming at step %d of %d.', start_step, num_steps)
+    if eval_due(start_step) and not run_files.logged_eval(workdir, start_step):
+      run_eval(start_step)  # Skipped when SIGTERM stopped the run here.
+  in_flight = collections.deque()
   with _Preemption() as preemption:
     for step in range(start_step, num_steps):
       if method.on_epoch_start and step % method.steps_per_epoch == 0:
         state = method.on_epoch_start(state, step // method.steps_per_epoch)
       state, first_bad, metrics = step_fn(state, first_bad, train_data, base_key)
+      in_flight.append(metrics['loss'])
+      if len(in_flight) > DISPATCH_AHEAD:
+        in_flight.popleft().block_until_ready()
       done = step + 1
       if done % config.log_every == 0 or done == num_steps:
         check_finite()
@@ -243,8 +261,8 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
         if method.on_log is not None:
           scalars.update(method.on_log(done, scalars))
         book.write(done, {f'train/{k}': v for k, v in scalars.items()})
-      if config.eval_every > 0 and done % config.eval_every == 0 and done < num_steps:
-        run_eval(done)
+      if eval_due(done) and not preemption.requested:
+        run_eval(done)  # On SIGTERM the resumed run evaluates this step first.
       save(done)
       if preemption.requested and done < num_steps:
         save(done, force=True)

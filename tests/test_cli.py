@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -62,3 +63,94 @@ def test_bad_input_exits_with_one_line(name, tmp_path, data_dir):
   # Earlier results are untouched and nothing new was written.
   assert json.loads((workdir / 'results.json').read_text()) == {'earlier': True}
   assert sorted(os.listdir(workdir)) == ['results.json']
+
+
+def _snapshot(folder):
+  """{relative path: bytes} of every file under `folder`."""
+  files = {}
+  for root, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        files[os.path.relpath(path, folder)] = f.read()
+  return files
+
+
+def _empty_data_directory(tmp_path, workdir):
+  del workdir
+  folder = tmp_path / 'my_images'
+  folder.mkdir()
+  return [f'--config=configs/supervised.py:dataset=image_folder:{folder}'], (f'{folder} is empty',)
+
+
+def _every_image_unreadable(tmp_path, workdir):
+  del workdir
+  from PIL import Image
+  root = tmp_path / 'pets'
+  for sub in ('train/cat', 'train/dog', 'val/cat'):
+    (root / sub).mkdir(parents=True)
+  Image.new('RGB', (8, 8)).save(root / 'val' / 'cat' / 'ok.png')
+  whole = (root / 'val' / 'cat' / 'ok.png').read_bytes()
+  (root / 'train' / 'cat' / 'cut.png').write_bytes(whole[:len(whole) // 2])
+  (root / 'train' / 'dog' / 'notes.txt').write_text('not an image')
+  return ([f'--config=configs/supervised.py:dataset=image_folder:{root}'],
+          (f'no readable images in {root}/train', 'cat/cut.png', 'dog/notes.txt'))
+
+
+def _workdir_of_another_config(tmp_path, workdir):
+  """A run of seed 1 with another learning rate, with its results and a checkpoint."""
+  import importlib.util
+  del tmp_path
+  spec = importlib.util.spec_from_file_location('supervised_config',
+                                                os.path.join(ROOT, 'configs', 'supervised.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('seed=1')
+  config.unlock()
+  config.optimizer.learning_rate = 0.5
+  (workdir / 'config.json').write_text(config.to_json_best_effort())
+  (workdir / 'checkpoints' / '500').mkdir(parents=True)
+  (workdir / 'checkpoints' / '500' / 'state').write_bytes(b'earlier state')
+  return (['--config=configs/supervised.py'],
+          (f'{workdir} holds a run with a different config', 'optimizer.learning_rate: 0.5 there',
+           'seed: 1 there, 0 now'))
+
+
+FILE_CASES = {
+    'empty data directory': _empty_data_directory,
+    'every image unreadable': _every_image_unreadable,
+    'workdir of another config': _workdir_of_another_config,
+}
+
+
+@pytest.mark.parametrize('name', sorted(FILE_CASES))
+def test_bad_files_exit_with_one_line(name, tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'results.json').write_text('{"earlier": true}\n')
+  args, needles = FILE_CASES[name](tmp_path, workdir)
+  before = _snapshot(workdir)
+  proc = _launch(args + [f'--workdir={workdir}'], data_dir)
+  _assert_one_clear_line(proc, *needles)
+  assert _snapshot(workdir) == before
+
+
+def test_a_diverging_learning_rate_stops_with_one_line(tmp_path, data_dir):
+  """The run diverges a few steps in: the step is named, good checkpoints kept."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'results.json').write_text('{"earlier": true}\n')
+  proc = _launch(['--config=configs/supervised.py', '--config.optimizer.learning_rate=1e6',
+                  '--config.num_steps=60', '--config.log_every=10',
+                  '--config.checkpoint_every=5', '--config.eval_every=0',
+                  f'--workdir={workdir}'], data_dir)
+  # Caught by the loss, or (first, here) by the state checked before each save.
+  _assert_one_clear_line(proc, 'non-finite', 'Lower optimizer.learning_rate')
+  error = next(l for l in proc.stderr.splitlines() if l.startswith('error: '))
+  bad_step = int(re.search(r'non-finite (?:at|by) step (\d+);', error).group(1))
+  assert (workdir / 'results.json').read_text() == '{"earlier": true}\n'
+  saved = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
+  # Every checkpoint holds a state from before the loss was first not finite.
+  assert all(step <= bad_step for step in saved)
+  if saved:
+    assert f'last good checkpoint (step {saved[-1]}) is kept' in error

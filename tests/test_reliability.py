@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from sslj import train
+from sslj import run_files, train
 
 
 def _config(data_dir, **overrides):
@@ -155,3 +155,145 @@ def test_killed_anywhere_and_restarted_ends_as_an_uninterrupted_run(data_dir, tm
     ckpt.close()
   for a, b in zip(jax.tree.leaves(restored[0]), jax.tree.leaves(restored[1])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# The command line (launch.py) in a process that hurts itself once:
+#   term:N   sends itself SIGTERM right after logging step N's training scalars
+#   full:N   the disk fills up while checkpoint N is written (tensorstore's
+#            error, as it reports ENOSPC)
+#   none     runs as is
+_CLI_DRIVER = r'''
+import os, signal, sys, time
+root, point, stamp = sys.argv[1], sys.argv[2], sys.argv[3]
+sys.path.insert(0, root)
+where, _, at = point.partition(':')
+at = int(at or -1)
+from sslj import checkpoint, logbook
+
+if where == 'term':
+  write = logbook.Logbook.write
+  def write_then_term(self, step, scalars):
+    write(self, step, scalars)
+    if step == at and not os.path.exists(stamp):
+      with open(stamp, 'w') as f:
+        f.write(repr(time.time()))
+      os.kill(os.getpid(), signal.SIGTERM)
+  logbook.Logbook.write = write_then_term
+
+if where == 'full':
+  from orbax.checkpoint._src.serialization import serialization
+  saving = {}
+  save = checkpoint.Checkpointer.save
+  def save_noting_step(self, step, state, **kw):
+    saving['step'] = step
+    return save(self, step, state, **kw)
+  checkpoint.Checkpointer.save = save_noting_step
+  write_arrays = serialization.async_serialize_from_host
+  async def write_arrays_until_full(*args, **kw):
+    if saving.get('step') == at:
+      raise ValueError('RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database: Failed '
+                       'to write 4096 bytes: No space left on device [os_error_code=\'28\']')
+    return await write_arrays(*args, **kw)
+  serialization.async_serialize_from_host = write_arrays_until_full
+
+sys.argv = ['launch.py'] + sys.argv[4:]
+import launch
+from absl import app
+from sslj import cli
+app.run(launch.main, flags_parser=cli.parse_flags)
+'''
+
+# One config for the command-line runs below and the runs they are compared with.
+_CLI_OVERRIDES = {'num_steps': 18, 'batch_size': 16, 'eval_batch_size': 100, 'log_every': 2,
+                  'eval_every': 4, 'checkpoint_every': 6}
+
+
+def _cli_run(tmp_path, point, workdir, data_dir):
+  import subprocess
+  import sys
+  from conftest import ROOT
+  driver = tmp_path / 'cli_driver.py'
+  driver.write_text(_CLI_DRIVER)
+  stamp = tmp_path / f'stamp_{os.path.basename(workdir)}'
+  args = ['--config=configs/supervised.py', f'--workdir={workdir}',
+          f'--config.data.data_dir={data_dir}']
+  args += [f'--config.{k}={v}' for k, v in _CLI_OVERRIDES.items()]
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, str(driver), ROOT, point, str(stamp)] + args,
+                        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+  return proc, stamp
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data_dir, tmp_path_factory):
+  """results.json, the metrics' shape and the final state of a run never stopped."""
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  results = train.train_and_evaluate(_config(data_dir, **_CLI_OVERRIDES), workdir)
+  return results, _metric_keys(workdir), _final_leaves(workdir, data_dir)
+
+
+def _metric_keys(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [(r['step'], sorted(r)) for r in map(json.loads, f)]
+
+
+def _final_leaves(workdir, data_dir):
+  import jax
+  from sslj import checkpoint, methods
+  config = _config(data_dir, **_CLI_OVERRIDES)
+  method = methods.get('supervised').build(config, train.load_data(config), config.num_steps)
+  ckpt = checkpoint.Checkpointer(workdir, every=0, keep=3, read_only=True)
+  state = ckpt.restore(jax.eval_shape(method.init, jax.random.key(0)))
+  ckpt.close()
+  return [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+def _assert_same_end(workdir, data_dir, uninterrupted):
+  results, metric_keys, leaves = uninterrupted
+  with open(os.path.join(workdir, 'results.json')) as f:
+    got = json.load(f)
+  for key in ('top1', 'top5', 'models', 'num_steps'):
+    assert got[key] == results[key]
+  assert _metric_keys(workdir) == metric_keys
+  for a, b in zip(_final_leaves(workdir, data_dir), leaves, strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_exits_0(data_dir, tmp_path, uninterrupted):
+  import time
+  workdir = tmp_path / 'run'
+  # Step 8 is an evaluation step but not a checkpoint step (every 6): the run
+  # saves step 8 anyway and leaves its evaluation to the resumed run.
+  proc, stamp = _cli_run(tmp_path, 'term:8', workdir, data_dir)
+  exited = time.time()
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Stopped early on SIGTERM' in proc.stderr and 'Traceback' not in proc.stderr
+  assert exited - float(stamp.read_text()) < 20
+  assert sorted(os.listdir(workdir / 'checkpoints'), key=int) == ['6', '8']
+  assert not (workdir / 'results.json').exists()
+  assert not run_files.logged_eval(str(workdir), 8) and run_files.logged_eval(str(workdir), 4)
+
+  again = train.train_and_evaluate(_config(data_dir, **_CLI_OVERRIDES), str(workdir))
+  assert again is not None
+  _assert_same_end(str(workdir), data_dir, uninterrupted)
+
+
+def test_full_disk_at_a_checkpoint_is_one_line_and_the_same_command_resumes(
+    data_dir, tmp_path, uninterrupted):
+  workdir = tmp_path / 'run'
+  proc, _ = _cli_run(tmp_path, 'full:12', workdir, data_dir)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  checkpoints = workdir / 'checkpoints'
+  assert errors == [f'error: no space left on device while saving checkpoint 12 in '
+                    f'{checkpoints}; free space and run the same command to resume.']
+  assert 'Traceback' not in proc.stderr
+  assert [p for p in os.listdir(checkpoints) if p.isdigit()] == ['6']
+  assert not (workdir / 'results.json').exists()
+
+  # Space freed: the same command resumes from step 6 and ends as if never stopped.
+  proc, _ = _cli_run(tmp_path, 'none', workdir, data_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Resuming at step 6 of 18' in proc.stderr
+  assert sorted(os.listdir(checkpoints), key=int) == ['6', '12', '18']
+  _assert_same_end(str(workdir), data_dir, uninterrupted)

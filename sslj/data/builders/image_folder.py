@@ -126,12 +126,14 @@ def make_config(root: str, image_size: int | tuple[int, int] | None) -> ImageFol
 
 def check_layout(root: str) -> tuple[str, ...]:
   """The class names of an image folder; UserError if its layout is wrong."""
+  layout = f'{root}/train/<class>/ and {root}/val/<class>/ folders of images'
+  if not os.path.isdir(root):
+    raise UserError(f'{root} is not a folder: an image folder dataset needs {layout}.')
+  if not [n for n in os.listdir(root) if not _is_hidden(n)]:
+    raise UserError(f'{root} is empty: an image folder dataset needs {layout}.')
   for sub in ('train', 'val'):
     if not os.path.isdir(os.path.join(root, sub)):
-      raise UserError(
-          f'{root}/{sub} is not a folder: an image folder dataset needs '
-          f'{root}/train/<class>/ and {root}/val/<class>/ folders of images.'
-      )
+      raise UserError(f'{root}/{sub} is not a folder: an image folder dataset needs {layout}.')
   class_names = tuple(class_folders(os.path.join(root, 'train')))
   if not class_names:
     raise UserError(
@@ -158,6 +160,9 @@ def decode_image(path: str, image_size: tuple[int, int] | None) -> np.ndarray:
   Raises whatever PIL raises for an unreadable file, and `ImageTooLarge`.
   """
   with warnings.catch_warnings():
+    # A damaged file either decodes or is skipped and counted; PIL's
+    # warnings about it would only repeat that, once per file.
+    warnings.simplefilter('ignore', UserWarning)
     # PIL only warns between its own limit and twice that; refuse those too.
     warnings.simplefilter('error', Image.DecompressionBombWarning)
     with Image.open(path) as image:
@@ -169,6 +174,18 @@ def decode_image(path: str, image_size: tuple[int, int] | None) -> np.ndarray:
   if image_size is not None and image.size != (image_size[1], image_size[0]):
     image = image.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
   return np.asarray(image, dtype=np.uint8)
+
+
+def decode_or_none(path: str, image_size: tuple[int, int] | None) -> np.ndarray | None:
+  """`decode_image`, or None for a file that is not a readable image.
+
+  PIL raises many types for bad files (OSError, ValueError, SyntaxError,
+  struct.error, DecompressionBombError...): all mean "skip it".
+  """
+  try:
+    return decode_image(path, image_size)
+  except Exception:  # pylint: disable=broad-except
+    return None
 
 
 class SsljImageFolder(base.ImageClassificationBuilder):
@@ -209,11 +226,8 @@ class SsljImageFolder(base.ImageClassificationBuilder):
     skipped = []
     index = 0
     for path, label in files:
-      try:
-        image = decode_image(path, config.image_size)
-      except Exception:  # pylint: disable=broad-except
-        # PIL raises many types for bad files (OSError, ValueError,
-        # SyntaxError, DecompressionBombError...): all mean "skip it".
+      image = decode_or_none(path, config.image_size)
+      if image is None:
         skipped.append(os.path.relpath(path, config.root))
         continue
       self._check_same_shape(image, path)
@@ -230,8 +244,9 @@ class SsljImageFolder(base.ImageClassificationBuilder):
       )
     if not index:
       raise UserError(
-          f'no readable images for the {split} split in {config.root}/'
-          f'{SPLIT_FOLDERS[split]}: add PNG/JPEG files there.'
+          f'no readable images in {config.root}/{SPLIT_FOLDERS[split]}: none of its '
+          f'{len(skipped)} files is an image PIL can read within {MAX_PIXELS} pixels '
+          f'({", ".join(skipped[:NAMES_SHOWN])}); add PNG or JPEG files there.'
       )
 
   def _check_same_shape(self, image, path):
