@@ -7,7 +7,9 @@ not augmented. The ratio is what the input path costs; the target is under
 1.05 on a GPU.
 
   python -m benchmarks.input_path --config=configs/supervised.py:dataset=fashion_mnist \
-      [--steps=200] [--out=bench/input_path.json]
+      [--steps=200] [--repeats=5] [--out=bench/input_path.json]
+
+`suite()` runs the configs of the README's table for `python -m benchmarks.run`.
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from benchmarks import common
 from sslj import methods, parallel, train
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/supervised.py', 'Method config.')
-_STEPS = flags.DEFINE_integer('steps', 200, 'Timed steps per variant (after warm-up).')
-_OUT = flags.DEFINE_string('out', None, 'Write the figures as JSON here.')
+# The README's configs; --quick runs the first only.
+SUITE_CONFIGS = ('configs/supervised.py', 'configs/mean_teacher.py',
+                 'configs/supervised.py:dataset=fashion_mnist',
+                 'configs/mean_teacher.py:dataset=fashion_mnist,labels_per_class=10')
 
 
 def _time(fn, state, steps, repeats=5):
   """Best of `repeats` timings of `steps` steps (the least disturbed by other load)."""
-  state = fn(state)  # compile and warm up
+  for _ in range(2):  # compile and warm up (twice: a second call can compile again when
+    state = fn(state)  # the outputs' shardings differ from the first inputs')
   jax.block_until_ready(state)
   best = float('inf')
   for _ in range(repeats):
@@ -43,7 +48,7 @@ def _time(fn, state, steps, repeats=5):
   return best
 
 
-def measure(config, steps: int) -> dict:
+def measure(config, steps: int, repeats: int = 5) -> dict:
   module = methods.get(config.method)
   data = train.load_data(config)
   num_steps = train.num_steps_for(config, module, data)
@@ -52,12 +57,15 @@ def measure(config, steps: int) -> dict:
   train_data = train.put_train_data(data, method, mesh)
   init_key, base_key = jax.random.split(jax.random.key(config.seed))
   sampler = functools.partial(train.sample_batch, mesh=mesh, labeled_batch=method.labeled_batch,
-                              unlabeled_batch=method.unlabeled_batch)
+                              unlabeled_batch=method.unlabeled_batch,
+                              sample_unlabeled=method.sample_unlabeled)
 
   # The full step, as training runs it.
   full = jax.jit(functools.partial(train.sampled_step, method_step=method.train_step,
                                    sampler=sampler), donate_argnums=(0, 1))
-  bad = jnp.array(-1, jnp.int32)
+  # Replicated, as the loop puts it: an uncommitted first value would make
+  # the second call compile again, inside the timed region.
+  bad = jax.device_put(jnp.array(-1, jnp.int32), parallel.replicated(mesh))
 
   def run_full(carry):
     state, bad = carry
@@ -85,8 +93,8 @@ def measure(config, steps: int) -> dict:
     return state
 
   make_state = jax.jit(method.init, out_shardings=parallel.replicated(mesh))
-  t_full = _time(run_full, (make_state(init_key), bad), steps)
-  t_plain = _time(run_plain, make_state(init_key), steps)
+  t_full = _time(run_full, (make_state(init_key), bad), steps, repeats)
+  t_plain = _time(run_plain, make_state(init_key), steps, repeats)
   return {'benchmark': 'input_path', 'device': jax.devices()[0].device_kind,
           'devices': jax.device_count(), 'jax': jax.__version__,
           'method': config.method, 'dataset': config.data.name, 'model': config.model.name,
@@ -95,9 +103,31 @@ def measure(config, steps: int) -> dict:
           'ratio': t_full / t_plain}
 
 
+def suite(quick: bool = False, peak_tflops: float | None = None) -> dict:
+  """The README's configs (quick: the first, 5 steps, one repeat) as one result."""
+  del peak_tflops
+  specs = SUITE_CONFIGS[:1] if quick else SUITE_CONFIGS
+  steps, repeats = (5, 1) if quick else (30, 3)
+  rows = []
+  for spec in specs:
+    row = measure(common.load_config(spec), steps, repeats)
+    row['config'] = spec
+    rows.append(row)
+    print(f"{spec}: ratio {row['ratio']:.3f}", flush=True)
+  columns = [['config', 'config'], ['batch_size', 'batch'], ['full_step_ms', 'full step (ms)'],
+             ['batch_on_device_step_ms', 'batch on device (ms)'], ['ratio', 'ratio']]
+  return {'benchmark': 'input_path',
+          'command': '; '.join(f'python -m benchmarks.input_path --config={spec} '
+                               f'--steps={steps} --repeats={repeats}' for spec in specs),
+          'tables': [{'title': 'Input path: full step against the batch already on the device',
+                      'columns': columns, 'rows': rows}],
+          'notes': [f'{steps} timed steps, best of {repeats} repetitions; the target on a GPU '
+                    'is a ratio under 1.05.']}
+
+
 def main(argv):
   del argv
-  result = measure(_CONFIG.value, _STEPS.value)
+  result = measure(_CONFIG.value, _STEPS.value, _REPEATS.value)
   print(json.dumps(result, indent=2))
   print(f"\n| device | model | batch | full step (ms) | batch on device (ms) | ratio |\n"
         f"|---|---|---|---|---|---|\n"
@@ -111,4 +141,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Defined here, not at import, so `benchmarks.run` can import this module
+  # next to others that define flags of the same names.
+  _CONFIG = config_flags.DEFINE_config_file('config', 'configs/supervised.py', 'Method config.')
+  _STEPS = flags.DEFINE_integer('steps', 200, 'Timed steps per variant (after warm-up).')
+  _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timings taken; the best is reported.')
+  _OUT = flags.DEFINE_string('out', None, 'Write the figures as JSON here.')
   app.run(main)

@@ -31,6 +31,7 @@ table also shows TFLOP/s and, with --peak_tflops, the fraction of peak.
 
 Run (from the repository root):
   python -m benchmarks.kmeans --out /tmp/kmeans.json
+(`suite()` runs the default cases for `python -m benchmarks.run`.)
 
 References:
   Lloyd 1982; Arthur & Vassilvitskii 2007; Johnson, Douze & Jegou 2017
@@ -161,6 +162,51 @@ def markdown(rows, peak):
   return '\n'.join(lines)
 
 
+def run_cases(cases: str, args) -> list:
+  """`bench_case` for each NxDxK of the comma-separated `cases`."""
+  rows = []
+  for case in cases.split(','):
+    n, d, k = (int(v) for v in case.lower().split('x'))
+    rows.append(bench_case(n, d, k, args.iters, args))
+  return rows
+
+
+def suite(quick: bool = False, peak_tflops: float | None = None) -> dict:
+  """The default cases (quick: one small case, 3 iterations, one repeat).
+
+  `peak_tflops` is not used: this benchmark's peak is the float32 one
+  (`--peak_tflops` of its own command line).
+  """
+  del peak_tflops
+  cases = '20000x32x64' if quick else '100000x128x256,200000x128x1024'
+  args = argparse.Namespace(iters=3 if quick else 10, repeats=1 if quick else 3,
+                            chunk_size=None, skip=set(), seed=0)
+  rows = run_cases(cases, args)
+  flat = []
+  for row in rows:
+    for name in ('sslj', 'sklearn', 'faiss'):
+      if name in row:
+        flat.append({'n': row['n'], 'd': row['d'], 'k': row['k'], 'impl': name,
+                     'x_sklearn': row[name]['s_per_iter'] / row['sklearn']['s_per_iter']
+                                  if 'sklearn' in row else None,
+                     'x_faiss': row[name].get('vs_faiss'),
+                     'rel_diff': row[name].get('inertia_rel_diff_vs_faiss'),
+                     **{key: row[name][key] for key in ('s_per_iter', 'inertia', 'tflops')}})
+  columns = [['n', 'n'], ['d', 'd'], ['k', 'k'], ['impl', 'impl'], ['s_per_iter', 's/iter'],
+             ['x_sklearn', 'time x sklearn'], ['x_faiss', 'time x faiss'], ['inertia', 'inertia'],
+             ['rel_diff', 'inertia rel. diff vs faiss'], ['tflops', 'TFLOP/s']]
+  notes = [f"{args.iters} Lloyd iterations, best of {args.repeats} runs; "
+           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}."]
+  if not any(r['impl'] == 'faiss' for r in flat):
+    notes.append('faiss is not installed (pip install faiss-cpu): no faiss rows.')
+  return {'benchmark': 'kmeans',
+          'command': (f'python -m benchmarks.kmeans --cases={cases} --iters={args.iters} '
+                      f'--repeats={args.repeats}'),
+          'tables': [{'title': 'k-means: sslj against scikit-learn and faiss',
+                      'columns': columns, 'rows': flat}],
+          'notes': notes}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--cases', default='100000x128x256,200000x128x1024',
@@ -178,10 +224,7 @@ def main():
   parser.add_argument('--out', default=None, help='write JSON here')
   args = parser.parse_args()
   args.skip = set(filter(None, args.skip.split(',')))
-  rows = []
-  for case in args.cases.split(','):
-    n, d, k = (int(v) for v in case.lower().split('x'))
-    rows.append(bench_case(n, d, k, args.iters, args))
+  rows = run_cases(args.cases, args)
   table = markdown(rows, args.peak_tflops)
   print(table)
   if args.out:

@@ -21,6 +21,7 @@ Presets (name: image size, channels, patch, stride, centroids):
 
 Run (from the repository root):
   python -m benchmarks.kmeans_features --out /tmp/kmeans_features.json
+(`suite()` runs the default presets for `python -m benchmarks.run`.)
 
 References:
   Coates, Lee & Ng, "An analysis of single-layer networks in unsupervised
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from sslj.methods import kmeans_features as kf
 from sslj.ops import whitening
 
@@ -79,6 +81,23 @@ def bench(preset: dict, *, images: int | None, repeats: int, budget_mb: float) -
               chunk=kf.chunk_images((size, size, c), p, stride, k, budget_mb),
               seconds=best, first_call_s=compile_s, images_per_s=n / best,
               gflops=flops / best / 1e9)
+
+
+def suite(quick: bool = False, peak_tflops: float | None = None) -> dict:
+  """The default presets (quick: digits, 256 images, one repeat)."""
+  del peak_tflops
+  presets, images, repeats = (['digits'], 256, 1) if quick else (
+      ['digits', 'fashion_mnist', 'cifar10'], None, 3)
+  rows = [dict(preset=name, **bench(PRESETS[name], images=images, repeats=repeats,
+                                    budget_mb=256.0)) for name in presets]
+  columns = [['preset', 'preset'], ['images', 'images'], ['features', 'features'],
+             ['chunk', 'chunk'], ['first_call_s', 'first call (s)'], ['seconds', 's'],
+             ['images_per_s', 'images/s'], ['gflops', 'GFLOP/s']]
+  return {'benchmark': 'kmeans_features',
+          'command': common.command('kmeans_features', {'presets': presets, 'images': images,
+                                                        'repeats': repeats}),
+          'tables': [{'title': 'k-means feature extraction', 'columns': columns, 'rows': rows}],
+          'notes': [f'best of {repeats} timed calls after a compiling call.']}
 
 
 def main():

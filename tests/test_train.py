@@ -118,21 +118,6 @@ def test_sharded_step_matches_one_device(tmp_path, data_dir, devices):
   assert ends[1][1]['models'] == ends[devices][1]['models']
 
 
-def test_train_step_is_traced_once(tmp_path, data_dir, monkeypatch):
-  """Steps of the same shapes reuse one compiled step: no retracing."""
-  traces = []
-  real = train.sampled_step
-
-  def counting(*args, **kwargs):
-    traces.append(1)  # runs only while jax traces the function
-    return real(*args, **kwargs)
-
-  monkeypatch.setattr(train, 'sampled_step', counting)
-  config = tiny_config(**{'data.data_dir': data_dir})
-  train.train_and_evaluate(config, str(tmp_path))
-  assert len(traces) == 1
-
-
 def test_model_dropout_rate_reaches_the_model():
   from sslj.errors import UserError
   from sslj.methods import network

@@ -15,14 +15,16 @@ Two upsampling variants:
   'resize': nearest-neighbour x2 resize, then a stride-1 convolution (Odena
     et al.; no checkerboard artefacts, but 4x the multiply-adds at equal
     kernel size).
-Measured with `nice -n 15 python -m benchmarks.gan_generator` (jitted forward
-+ backward, batch 100, kernel 5, float32, best of 3 x 20 steps) on a 2-core
-CPU shared with other training jobs (load average 5-15), so the absolute
-figures are low and noisy; the ratio is what matters:
-  8x8x1:   transpose 13,479 img/s   resize 3,832 img/s   (3.5x)
-(the larger sizes were not measured yet: the machine was too loaded), so
-'transpose' is the default; at equal kernel size resize-convolution does 4x
-the multiply-adds of the last stages at every size.
+Measured with `python -m benchmarks.gan_generator --batch=100 --steps=20
+--repeats=3` (jitted forward + backward, kernel 5, float32, best of 3) on a
+2-core CPU with nothing else running (docs/PERFORMANCE.md):
+  8x8x1:   transpose 22,270 img/s   resize 4,309 img/s
+  28x28x1: transpose     36 img/s   resize   107 img/s
+  32x32x3: transpose     81 img/s   resize   115 img/s
+'transpose' stays the model's default (the DCGAN one, and the faster at 8x8);
+configs/ssl_gan.py selects 'resize' for every dataset but digits. XLA:CPU's
+transposed convolutions are slow although resize-convolution does 4x the
+multiply-adds of the last stages at equal kernel size.
 
 Discriminator: [input Gaussian noise] -> input dropout -> stages of
 [conv 3x3 stride 1, conv 3x3 stride 2] with LeakyReLU 0.2, each stage

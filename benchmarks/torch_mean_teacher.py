@@ -1,0 +1,374 @@
+r"""Race: sslj's Mean Teacher step against the same step in PyTorch.
+
+The PyTorch step (`TorchMeanTeacher`) does what `sslj.methods.mean_teacher`
+does, written as a careful PyTorch user would: a batch of labeled + unlabeled
+uint8 images drawn from tensors in memory, two independent augmentations
+(flip / pad-and-crop translation with mirrored borders as the config says,
+then normalisation, Gaussian input noise if configured), the teacher's
+forward under `no_grad` in training mode (its own BatchNorm statistics),
+the student's forward and backward with two heads, cross-entropy on the
+labeled part, the softmax-MSE (or KL) consistency cost with its sigmoid
+ramp-up, the logit distance between the heads, SGD with Nesterov momentum,
+L2 weight decay and the cosine learning rate, and the EMA of the parameters
+into the teacher (decay min(1 - 1/(t + 1), ema_decay)). Same network
+(`benchmarks.torch_models`, same parameter count), same batch, same input
+size. Variants: eager, `torch.compile` (forward + loss + augmentation in one
+graph, optimizer step + EMA in another), and `torch.compile` with bf16
+autocast; all channels_last. `tests/test_benchmarks.py` checks on a fixed
+batch with copied weights that both give the same losses and the same
+parameters after one step.
+
+Both are timed in the same process, in alternating rounds (best round each):
+the ratio is sslj images/s over PyTorch images/s (> 1: sslj is faster).
+
+Cases: 'digits' (configs/mean_teacher.py: 8x8x1, 32 + 96 images) and
+'fashion_mnist' (28x28x1, 16 + 48) by default; 'resnet50' (the STL-10
+recipe at 96x96x3, 16 + 48, the GPU case; default on a GPU).
+
+  python -m benchmarks.torch_mean_teacher [--cases=digits,fashion_mnist,resnet50] [--quick] \
+      [--out=bench/torch_mean_teacher.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import os
+import time
+
+# PyTorch's OpenMP threads spin, then sleep, while they wait by default; on a
+# 2-core machine shared with other jobs that made the eager small-CNN step
+# take 8 s instead of 10-20 ms (its 2 threads wait for each other's time
+# slices at every parallel region). Passive waiting is the setting that is
+# fair to PyTorch there (as in benchmarks/kmeans.py for faiss); export
+# OMP_WAIT_POLICY to override. It must be set before the OpenMP runtime loads.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import jax
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks import common, torch_models
+from sslj import train
+from sslj.data import augment
+from sslj.methods import mean_teacher
+
+CASES = {
+    'digits': ('configs/mean_teacher.py', (8, 8, 1), {}),
+    'fashion_mnist': ('configs/mean_teacher.py:dataset=fashion_mnist,labels_per_class=10',
+                      (28, 28, 1), {}),
+    'resnet50': ('configs/mean_teacher.py:dataset=stl10,labels_per_class=64,model=resnet50',
+                 (96, 96, 3), {'augment.out_size': None}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What the PyTorch step needs from an sslj Mean Teacher config."""
+  model: str
+  shape: tuple
+  num_classes: int
+  labeled: int
+  unlabeled: int
+  steps_per_epoch: int
+  num_steps: int
+  ema_decay: float
+  consistency: str
+  consistency_weight: float
+  rampup_epochs: float
+  logit_distance_cost: float
+  lr: float
+  momentum: float
+  nesterov: bool
+  weight_decay: float
+  flip: bool
+  pad_crop: int
+  rotate_deg: float
+  noise_std: float
+  mean: tuple
+  std: tuple
+
+  @classmethod
+  def from_config(cls, config, data) -> Settings:
+    mt, opt, aug = config.mean_teacher, config.optimizer, config.augment
+    if opt.name != 'sgd' or opt.schedule != 'cosine' or opt.warmup_steps:
+      raise ValueError('the PyTorch step implements SGD with a cosine schedule, no warm-up')
+    spec = augment.AugmentSpec.from_config(aug)
+    rest = dataclasses.replace(spec, flip=False, pad_crop=0, rotate_deg=0.0, noise_std=0.0)
+    if rest != augment.AugmentSpec():
+      raise ValueError('the PyTorch step implements the augmentations flip, pad_crop, '
+                       f'rotate_deg and noise_std only; got {spec}')
+    labeled, unlabeled = mean_teacher.batch_split(config)
+    return cls(
+        model=config.model.name, shape=tuple(data.labeled_images.shape[1:]),
+        num_classes=data.num_classes, labeled=labeled, unlabeled=unlabeled,
+        steps_per_epoch=mean_teacher.steps_per_epoch(config, data),
+        num_steps=train.num_steps_for(config, mean_teacher, data), ema_decay=mt.ema_decay,
+        consistency=mt.consistency, consistency_weight=mt.consistency_weight,
+        rampup_epochs=mt.rampup_epochs, logit_distance_cost=mt.logit_distance_cost,
+        lr=opt.learning_rate, momentum=opt.momentum, nesterov=opt.nesterov,
+        weight_decay=opt.weight_decay, flip=aug.flip, pad_crop=aug.pad_crop,
+        rotate_deg=aug.rotate_deg, noise_std=aug.noise_std,
+        mean=tuple(float(v) for v in data.mean), std=tuple(float(v) for v in data.std))
+
+
+def _fold_symmetric(index, n: int):
+  """sslj's 'symmetric' fill: mirror about the border (-1 -> 0, n -> n-1)."""
+  m = torch.remainder(index, 2 * n)
+  return torch.where(m < n, m, 2 * n - 1 - m)
+
+
+def shift_flip(x, flip, shift):
+  """x [B, H, W, C] float, flip bool [B], integer shift [B, 2] (dy, dx) -> the same
+  pixels sslj's `augment_batch` gives for these draws (forward: flip, then shift)."""
+  b, h, w, _ = x.shape
+  rows = _fold_symmetric(torch.arange(h, device=x.device)[None] - shift[:, :1], h)
+  j = torch.arange(w, device=x.device)[None]
+  dx = shift[:, 1:]
+  cols = _fold_symmetric(torch.where(flip[:, None], w - 1 - j + dx, j - dx), w)
+  return x[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def _rotate(x, flip, shift, max_deg: float):
+  """Flip, rotation and shift in one bilinear resampling (affine_grid/grid_sample)."""
+  b, h, w, _ = x.shape
+  angle = (torch.rand(b, device=x.device) * 2 - 1) * math.radians(max_deg)
+  c, s = torch.cos(angle), torch.sin(angle)
+  fx = torch.where(flip, -1.0, 1.0)
+  theta = torch.stack([torch.stack([fx * c, -fx * s], 1), torch.stack([s, c], 1)], 1)
+  t = torch.stack([shift[:, 1] / ((w - 1) / 2), shift[:, 0] / ((h - 1) / 2)], 1).float()
+  theta = torch.cat([theta, -(theta @ t[:, :, None])], 2)
+  nchw = x.permute(0, 3, 1, 2)
+  grid = F.affine_grid(theta, list(nchw.shape), align_corners=True)
+  out = F.grid_sample(nchw, grid, mode='bilinear', padding_mode='reflection', align_corners=True)
+  return out.permute(0, 2, 3, 1)
+
+
+class TorchMeanTeacher:
+  """sslj's Mean Teacher step in PyTorch (see the module docstring)."""
+
+  def __init__(self, s: Settings, labeled_images, labels, unlabeled_images, *,
+               device: str = 'cpu', compile: bool = False, bf16: bool = False):
+    self.s, self.device, self.bf16 = s, torch.device(device), bf16
+    put = lambda a: torch.as_tensor(np.asarray(a), device=self.device)
+    self.labeled_images, self.labels = put(labeled_images), put(labels).long()
+    self.unlabeled_images = put(unlabeled_images)
+    self.mean = torch.tensor(s.mean, device=self.device)
+    self.std = torch.tensor(s.std, device=self.device)
+    self.student = torch_models.build(s.model, s.shape, s.num_classes, 2).to(
+        self.device, memory_format=torch.channels_last).train()
+    self.teacher = copy.deepcopy(self.student)
+    for p in self.teacher.parameters():
+      p.requires_grad_(False)
+    # A tensor learning rate: the compiled optimizer step is not recompiled as it changes.
+    self.lr = torch.tensor(s.lr, device=self.device)
+    self.opt = torch.optim.SGD(self.student.parameters(), lr=self.lr, momentum=s.momentum,
+                               nesterov=s.nesterov, weight_decay=s.weight_decay)
+    self.step_count = 0
+    self.ema_count = torch.zeros((), device=self.device)
+    # Static shapes: a second case of another shape in the same process would
+    # otherwise be recompiled with dynamic shapes, which Inductor 2.13 failed
+    # to compile here ("cannot determine truth value of Relational").
+    compiled = lambda f: torch.compile(f, dynamic=False)
+    self._loss = compiled(self._loss_terms) if compile else self._loss_terms
+    self._update = compiled(self._apply_updates) if compile else self._apply_updates
+
+  def teacher_from_student(self):
+    """The teacher starts as a copy of the student (sslj's `ema.init`)."""
+    self.teacher.load_state_dict(self.student.state_dict())
+
+  def preprocess(self, images, augment: bool = True):
+    """uint8 [B, H, W, C] -> normalised float, NCHW on channels_last memory."""
+    x = images.float() / 255
+    b = x.shape[0]
+    if augment:
+      flip = (torch.rand(b, device=x.device) < 0.5) & self.s.flip
+      p = self.s.pad_crop
+      shift = (torch.randint(-p, p + 1, (b, 2), device=x.device) if p
+               else torch.zeros((b, 2), dtype=torch.long, device=x.device))
+      if self.s.rotate_deg:
+        x = _rotate(x, flip, shift, self.s.rotate_deg)
+      elif p or self.s.flip:
+        x = shift_flip(x, flip, shift)
+    x = (x - self.mean) / self.std
+    if augment and self.s.noise_std:
+      x = x + self.s.noise_std * torch.randn_like(x)
+    return x.permute(0, 3, 1, 2)  # NHWC memory = channels_last
+
+  def _consistency(self, student, teacher):
+    if self.s.consistency == 'mse':
+      diff = student.softmax(-1) - teacher.softmax(-1)
+      return diff.pow(2).sum(-1).mean() / student.shape[-1]
+    log_pt = teacher.log_softmax(-1)
+    return (log_pt.exp() * (log_pt - student.log_softmax(-1))).sum(-1).mean()
+
+  def _loss_terms(self, images, labels, weight, augment: bool = True):
+    student_x = self.preprocess(images, augment)
+    teacher_x = self.preprocess(images, augment)  # independent noise
+    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+      with torch.no_grad():
+        target = self.teacher(teacher_x)[0].float()
+      class_logits, cons_logits = self.student(student_x)
+    class_logits, cons_logits = class_logits.float(), cons_logits.float()
+    class_loss = F.cross_entropy(class_logits[:labels.shape[0]], labels)
+    cons_loss = self._consistency(cons_logits, target)
+    res_loss = (self.s.logit_distance_cost
+                * (class_logits - cons_logits).pow(2).sum(-1).mean() / class_logits.shape[-1])
+    return class_loss + weight * cons_loss + res_loss, class_loss, cons_loss, res_loss
+
+  def _apply_updates(self):
+    self.opt.step()
+    with torch.no_grad():  # the teacher must not join the student's autograd graph
+      self.ema_count += 1
+      decay = torch.clamp(1 - 1 / (self.ema_count + 1), max=self.s.ema_decay)
+      torch._foreach_lerp_(list(self.teacher.parameters()), list(self.student.parameters()),
+                           1 - decay)
+
+  def step(self, images, labels, augment: bool = True) -> dict:
+    """One step on uint8 images (labeled first) and the labeled part's labels."""
+    s = self.s
+    t = min(max(self.step_count / s.steps_per_epoch / s.rampup_epochs, 0.0), 1.0) if (
+        s.rampup_epochs) else 1.0
+    weight = torch.tensor(s.consistency_weight * math.exp(-5 * (1 - t) ** 2),
+                          device=self.device)
+    # optax's cosine decay to zero, at the step about to be taken.
+    k = min(self.step_count, s.num_steps) / max(s.num_steps, 1)
+    self.lr.fill_(s.lr * 0.5 * (1 + math.cos(math.pi * k)))
+    loss, class_loss, cons_loss, res_loss = self._loss(images, labels, weight, augment)
+    self.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    self._update()
+    self.step_count += 1
+    return {'loss': loss.detach(), 'class_loss': class_loss.detach(),
+            'consistency_loss': cons_loss.detach(), 'logit_distance_loss': res_loss.detach()}
+
+  def sampled_step(self) -> dict:
+    """Draws the batch from the images in memory, then steps."""
+    li = torch.randint(len(self.labeled_images), (self.s.labeled,), device=self.device)
+    ui = torch.randint(len(self.unlabeled_images), (self.s.unlabeled,), device=self.device)
+    images = torch.cat([self.labeled_images[li], self.unlabeled_images[ui]])
+    return self.step(images, self.labels[li])
+
+
+def _sync(device):
+  if device.type == 'cuda':
+    torch.cuda.synchronize()
+
+
+def race(case: str, *, quick: bool) -> tuple[list[dict], dict]:
+  """Times sslj and the PyTorch variants on one case; returns rows and facts."""
+  spec, shape, overrides = CASES[case]
+  cpu = common.on_cpu()
+  overrides = dict(overrides)
+  if quick or (cpu and case == 'resnet50'):
+    overrides.update({'batch_size': 8, 'mean_teacher.labeled_batch_size': 2})
+  dtypes = ['float32'] if cpu else ['float32', 'bfloat16']
+  data = common.synthetic_data(shape, unlabeled=2048)
+  runners, counts = {}, {}
+  for dtype in dtypes:
+    config = common.load_config(spec, {**overrides, 'model.dtype': dtype})
+    bench = common.TrainStep(config, data)
+    carry = bench.fresh_carry()
+    counts['sslj'] = sum(x.size for x in jax.tree.leaves(carry[0].params))
+    runners[f'sslj {dtype}'] = bench.runner(bench.jitted, carry)
+  settings = Settings.from_config(config, data)
+  device = 'cpu' if cpu else 'cuda'
+  torch._dynamo.reset()  # a clean compile cache per case  # pylint: disable=protected-access
+  for name, kw in (('eager', {}), ('compile', {'compile': True}),
+                   ('compile+bf16', {'compile': True, 'bf16': True})):
+    torch.manual_seed(0)
+    mt = TorchMeanTeacher(settings, data.labeled_images, data.labeled_labels,
+                          data.unlabeled_images, device=device, **kw)
+    counts['torch'] = torch_models.num_params(mt.student)
+
+    def run(n, mt=mt):
+      for _ in range(n):
+        out = mt.sampled_step()
+      _sync(mt.device)
+      return float(out['loss'])
+
+    runners[f'PyTorch {name}'] = run
+  warm, per_step = {}, 0.0
+  for name, run in runners.items():  # compile and warm up, then estimate a step
+    start = time.perf_counter()
+    run(2)
+    warm[name] = time.perf_counter() - start
+    start = time.perf_counter()
+    run(2)
+    per_step = max(per_step, 0.5 * (time.perf_counter() - start))
+  steps = 2 if quick else max(3, min(100, int(1.5 / max(per_step, 1e-4))))
+  rounds = 1 if quick else 3
+  best = dict.fromkeys(runners, float('inf'))
+  for _ in range(rounds):  # in turn, so a burst of load hits every variant
+    for name, run in runners.items():
+      start = time.perf_counter()
+      run(steps)
+      best[name] = min(best[name], (time.perf_counter() - start) / steps)
+  images = settings.labeled + settings.unlabeled
+  fastest_torch = min(v for k, v in best.items() if k.startswith('PyTorch'))
+  rows = [{'case': case, 'input': 'x'.join(map(str, shape)), 'model': settings.model,
+           'images_per_step': images, 'variant': name, 'timed_steps': steps,
+           'first_2_steps_s': warm[name], 'ms_per_step': 1e3 * t, 'images_per_s': images / t,
+           'vs_best_pytorch': fastest_torch / t} for name, t in best.items()]
+  facts = {'case': case, 'params_sslj': counts['sslj'], 'params_torch': counts['torch'],
+           'ratio_sslj_f32_vs_best_pytorch': fastest_torch / best['sslj float32'],
+           'ratio_best_sslj_vs_best_pytorch': fastest_torch / min(
+               v for k, v in best.items() if k.startswith('sslj'))}
+  return rows, facts
+
+
+def suite(quick: bool = False, peak_tflops: float | None = None,
+          cases: list[str] | None = None) -> dict:
+  """The race on every case (default: digits + fashion_mnist; + resnet50 on a GPU)."""
+  del peak_tflops
+  if not cases:
+    cases = ['digits'] if quick else ['digits', 'fashion_mnist'] + (
+        [] if common.on_cpu() else ['resnet50'])
+  rows, facts = [], []
+  for case in cases:
+    case_rows, case_facts = race(case, quick=quick)
+    rows += case_rows
+    facts.append(case_facts)
+    print(f"{case}: sslj / best PyTorch = {case_facts['ratio_best_sslj_vs_best_pytorch']:.2f}",
+          flush=True)
+  columns = [['case', 'case'], ['input', 'input'], ['model', 'model'],
+             ['images_per_step', 'images/step'], ['variant', 'variant'],
+             ['timed_steps', 'timed steps'], ['first_2_steps_s', 'first 2 steps (s)'],
+             ['ms_per_step', 'ms/step'], ['images_per_s', 'images/s'],
+             ['vs_best_pytorch', 'x best PyTorch']]
+  fact_columns = [['case', 'case'], ['params_sslj', 'params sslj'],
+                  ['params_torch', 'params PyTorch'],
+                  ['ratio_sslj_f32_vs_best_pytorch', 'sslj f32 / best PyTorch (images/s)'],
+                  ['ratio_best_sslj_vs_best_pytorch', 'best sslj / best PyTorch (images/s)']]
+  notes = ['"x best PyTorch" is images/s over the fastest PyTorch variant\'s (> 1: faster).',
+           '"first 2 steps" includes compilation (XLA for sslj, TorchInductor for compile).',
+           f'torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, '
+           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}."]
+  if quick:
+    notes.append('--quick: batch 8 (2 labeled), 2 timed steps, one round.')
+  return {'benchmark': 'torch_mean_teacher',
+          'command': common.command('torch_mean_teacher', {'quick': quick, 'cases': cases}),
+          'torch': torch.__version__, 'ratios': facts,
+          'tables': [{'title': 'Mean Teacher step: sslj against PyTorch', 'columns': columns,
+                      'rows': rows},
+                     {'title': 'Ratios and parameter counts', 'columns': fact_columns,
+                      'rows': facts}],
+          'notes': notes}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--cases', default=None, help=f'comma-separated of {", ".join(CASES)}')
+  parser.add_argument('--quick', action='store_true')
+  parser.add_argument('--out', default=None, help='write the result as JSON here')
+  args = parser.parse_args()
+  result = suite(args.quick, cases=args.cases.split(',') if args.cases else None)
+  result['environment'] = dict(common.environment(), torch=torch.__version__)
+  common.print_result(result, args.out)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,162 @@
+"""The benchmark suite's output, the PyTorch twin of Mean Teacher, and one compile per step.
+
+  python -m pytest tests/test_benchmarks.py -p no:cacheprovider
+
+The PyTorch tests are skipped when torch is not installed
+(`pip install -e '.[bench]'`).
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+# Before torch loads OpenMP: its spinning threads crawl on a shared 2-core
+# machine (see benchmarks/torch_mean_teacher.py).
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from conftest import ROOT, tiny_config  # noqa: E402
+from sslj import train  # noqa: E402
+
+try:
+  import torch
+except ImportError:
+  torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch not installed (.[bench])")
+
+
+def test_run_quick_writes_results_with_environment_and_command(tmp_path):
+  out = tmp_path / 'bench'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.run', '--only', 'gan_generator', '--quick',
+       '--out', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((out / 'results.json').read_text())
+  assert results['command'] == f'python -m benchmarks.run --only gan_generator --quick --out {out}'
+  assert 'load average' in results['uptime_before'] and 'load average' in results['uptime_after']
+  assert list(results['benchmarks']) == ['gan_generator']
+  result = results['benchmarks']['gan_generator']
+  env = result['environment']
+  assert env['device_kind'] == jax.devices()[0].device_kind
+  assert env['devices'] == 1 and env['jax'] == jax.__version__
+  assert result['command'].startswith('python -m benchmarks.gan_generator --batch=16')
+  (table,) = result['tables']
+  keys = [key for key, _ in table['columns']]
+  assert table['rows'] and all(set(keys) <= set(row) for row in table['rows'])
+  assert all(row['transpose'] > 0 and row['resize'] > 0 for row in table['rows'])
+  markdown = (out / 'results.md').read_text()
+  assert '## gan_generator' in markdown and '| 8x8x1 |' in markdown
+
+
+def test_run_rejects_unknown_benchmark():
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.run', '--only', 'nope'], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and 'unknown benchmark(s) nope' in proc.stderr
+
+
+@pytest.mark.parametrize('method,overrides', [
+    ('mean_teacher', {'mean_teacher.labeled_batch_size': 4}),
+    ('fixmatch', {'batch_size': 4, 'fixmatch.mu': 2}),
+])
+def test_train_step_is_traced_and_compiled_once(method, overrides, tmp_path, data_dir,
+                                                monkeypatch):
+  """The loop's steps of one shape reuse one trace and one executable."""
+  traces, compiles = [], []
+  real = train.sampled_step
+
+  @functools.wraps(real)
+  def counting(*args, **kwargs):
+    traces.append(1)  # runs only while jax traces the function
+    return real(*args, **kwargs)
+
+  def on_event(event, duration, **kwargs):
+    del duration
+    if event == '/jax/core/compile/backend_compile_duration' and 'sampled_step' in str(
+        kwargs.get('fun_name')):
+      compiles.append(1)
+
+  monkeypatch.setattr(train, 'sampled_step', counting)
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    config = tiny_config(method, **{'data.data_dir': data_dir, 'num_steps': 5, 'eval_every': 0,
+                                    'checkpoint_every': 0, 'log_every': 2, **overrides})
+    train.train_and_evaluate(config, str(tmp_path))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  assert len(traces) == 1
+  assert len(compiles) == 1
+
+
+@needs_torch
+def test_torch_mean_teacher_step_matches_sslj():
+  """Copied weights, one fixed batch, augmentation off: same losses, same update."""
+  from benchmarks import common, torch_models
+  from benchmarks import torch_mean_teacher as tmt
+  from sslj.methods import mean_teacher
+  config = common.load_config('configs/mean_teacher.py', {
+      'augment.pad_crop': 0, 'batch_size': 16, 'mean_teacher.labeled_batch_size': 4})
+  data = common.synthetic_data((8, 8, 1))
+  method = mean_teacher.build(config, data, train.num_steps_for(config, mean_teacher, data))
+  state = jax.jit(method.init)(jax.random.key(0))
+  n_l, n_u = method.labeled_batch, method.unlabeled_batch
+  batch = {'labeled_images': data.labeled_images[:n_l], 'labels': data.labeled_labels[:n_l],
+           'unlabeled_images': data.unlabeled_images[:n_u]}
+  new, metrics = jax.jit(method.train_step)(state, batch, jax.random.key(1))
+
+  twin = tmt.TorchMeanTeacher(tmt.Settings.from_config(config, data), data.labeled_images,
+                              data.labeled_labels, data.unlabeled_images)
+  assert torch_models.num_params(twin.student) == sum(
+      x.size for x in jax.tree.leaves(state.params))
+  torch_models.copy_small_cnn(twin.student, jax.device_get(state.params),
+                              jax.device_get(state.batch_stats))
+  twin.teacher_from_student()
+  images = torch.from_numpy(np.concatenate([batch['labeled_images'],
+                                            batch['unlabeled_images']]))
+  out = twin.step(images, torch.from_numpy(batch['labels']).long(), augment=False)
+  for key in ('loss', 'class_loss', 'consistency_loss', 'logit_distance_loss'):
+    np.testing.assert_allclose(float(out[key]), float(metrics[key]), rtol=1e-5, err_msg=key)
+
+  for module, params, stats in ((twin.student, new.params, new.batch_stats),
+                                (twin.teacher, new.teacher.average, new.teacher_batch_stats)):
+    expected = torch_models.SmallCNN(1, 8, 10, 2)
+    torch_models.copy_small_cnn(expected, jax.device_get(params), jax.device_get(stats))
+    for (name, got), want in zip(module.named_parameters(), expected.parameters()):
+      np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), rtol=1e-4,
+                                 atol=1e-6, err_msg=name)
+
+
+@needs_torch
+def test_torch_shift_flip_matches_sslj_augment():
+  """The same flips and pad-and-crop shifts give sslj's pixels exactly."""
+  from benchmarks import torch_mean_teacher as tmt
+  from sslj.data import augment
+  images = np.random.default_rng(0).integers(0, 256, (32, 28, 28, 1), dtype=np.uint8)
+  spec = augment.AugmentSpec(flip=True, pad_crop=2)  # fashion_mnist's
+  key = jax.random.key(3)
+  # Jitted: op by op, every small primitive would be compiled on its own.
+  want = np.asarray(jax.jit(augment.augment_batch, static_argnums=2)(images, key, spec))
+  drawn = jax.jit(augment.sample_batch_params, static_argnums=(1, 2, 3))(
+      key, spec, (28, 28), len(images))
+  flip = torch.from_numpy(np.array(drawn.flip))
+  shift = torch.from_numpy(np.array(drawn.shift).astype(np.int64))
+  assert flip.any() and not flip.all() and (shift != 0).any()
+  got = tmt.shift_flip(torch.from_numpy(images).float() / 255, flip, shift)
+  np.testing.assert_array_equal(got.numpy(), want)
+
+
+@needs_torch
+@pytest.mark.parametrize('name', ['resnet18', 'resnet50'])
+def test_torch_resnet_twin_has_sslj_parameter_count(name):
+  from benchmarks import torch_models
+  from sslj import models
+  model = models.build(name, num_classes=10, num_heads=2)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 96, 96, 3),
+                                                                         np.float32)))
+  want = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
+  assert torch_models.num_params(torch_models.build(name, (96, 96, 3), 10, 2)) == want
