@@ -36,7 +36,12 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process in a multi-
 def main(argv):
   del argv
   from sslj import cli
-  return cli.run(config=_CONFIG.value, workdir=_WORKDIR.value, mode=_MODE.value,
+  try:
+    config = _CONFIG.value
+    getattr(config, 'method', None)  # a lazy config file is loaded on first use
+  except OSError as e:  # a config file that is missing or cannot be read
+    cli.config_unreadable(e)
+  return cli.run(config=config, workdir=_WORKDIR.value, mode=_MODE.value,
                  coordinator_address=_COORDINATOR.value,
                  num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
                  step=_STEP.value, split=_SPLIT.value, dataset=_DATASET.value,

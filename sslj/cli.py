@@ -33,6 +33,8 @@ def parse_flags(argv):
     fail(_one_line(str(e)))
   except UserError as e:
     fail(str(e))
+  except OSError as e:  # a config file that is missing or cannot be read
+    config_unreadable(e)
   except (KeyError, AttributeError, TypeError, ValueError) as e:
     # ml_collections reports a misspelt or mistyped `--config.x=y` this way.
     if isinstance(e, KeyError) and e.args:
@@ -40,6 +42,14 @@ def parse_flags(argv):
       fail(f'bad config override: the config has no field {name}. '
            f'{hint or "See the config file for the fields that exist."}')
     fail('bad config override: ' + ' '.join(str(e).split()))
+
+
+def config_unreadable(error: OSError) -> None:
+  """Fails with one line for a `--config` file ml_collections could not load."""
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  detail = [l for l in lines if l.startswith('[Errno')]
+  spec = next((a.partition('=')[2] for a in reversed(sys.argv) if a.startswith('--config=')), '')
+  fail(f'cannot load --config={spec}: ' + (detail[-1] if detail else ' '.join(lines)))
 
 
 def _one_line(text: str) -> str:

@@ -49,6 +49,8 @@ CASES = {
     'batch not dividing over devices': (['--config=configs/supervised.py', '--config.batch_size=30'],
                                         4, ('batch_size=30', '4 devices')),
     'unknown model': (['--config=configs/supervised.py:model=resnet9000'], 1, ('resnet9000',)),
+    'missing config file': (['--config=configs/nonexistent.py'], 1,
+                            ('configs/nonexistent.py', 'No such file')),
 }
 
 
