@@ -10,6 +10,9 @@ labels (configs/supervised.py:labels_per_class=5).
 
 Presets (config string):
   configs/mean_teacher.py:dataset=fashion_mnist,labels_per_class=10
+    4,000 steps of 16 labeled + 48 unlabeled images, consistency ramp-up
+    over one epoch, EMA 0.99 during it and 0.999 after (as the paper), and a
+    learning rate that decays to 0.2 of its peak rather than to zero.
   configs/mean_teacher.py:dataset=stl10,labels_per_class=64,model=resnet152
     the report's recipe: SGD Nesterov 0.9, lr 0.02, weight decay 1e-4, cosine
     annealing, EMA 0.999, KL consistency, logit distance 0.01, 90 epochs.
@@ -18,6 +21,8 @@ Presets (config string):
     weight 100 ramped up over 5 epochs, logit distance 0.01, EMA 0.99 (0.97
     from 400 labels per class up), Gaussian input noise 0.15.
 """
+
+from ml_collections import config_dict
 
 from sslj import configlib
 
@@ -35,6 +40,9 @@ def get_config(arg=None):
   config.mean_teacher = dict(
       labeled_batch_size=32,     # the rest of batch_size is unlabeled
       ema_decay=0.99,
+      # The teacher's decay during the consistency ramp-up (None: ema_decay);
+      # the paper used 0.99 there and 0.999 after.
+      ema_decay_rampup=config_dict.placeholder(float),
       consistency='mse',         # 'mse' (softmax MSE / K) or 'kl'
       consistency_weight=30.0,
       rampup_epochs=30.0,        # sigmoid ramp-up of the consistency weight
@@ -51,6 +59,11 @@ def get_config(arg=None):
     config.eval_every = 500
     config.checkpoint_every = 1000
     config.mean_teacher.rampup_epochs = 1.0
+    # As the paper: EMA 0.99 during the ramp-up, 0.999 after; the learning
+    # rate decays to 0.2 of its peak (cos(7 pi / 16)), not to zero, so the
+    # teacher still averages a moving student at the end.
+    config.mean_teacher.update(ema_decay=0.999, ema_decay_rampup=0.99)
+    config.optimizer.schedule = 'fixmatch_cosine'
 
   if args.dataset == 'stl10' or args.dataset.startswith('image_folder'):
     # The report's recipe.

@@ -37,6 +37,20 @@ def test_ema_matches_closed_form_with_warmup():
                              [0.5, 2 / 3, 0.75, 0.9], rtol=1e-6)
 
 
+def test_ema_uses_the_rampup_decay_then_the_final_one():
+  rng = np.random.RandomState(2)
+  student = [rng.randn(4).astype(np.float32) for _ in range(30)]
+  transform = ema.parameter_ema(0.95, rampup_decay=0.6, rampup_steps=10)
+  update = jax.jit(transform.update)
+  state = transform.init({'w': student[0]})
+  expected = student[0].astype(np.float64)
+  for t, params in enumerate(student[1:], start=1):
+    teacher, state = update({'w': params}, state)
+    d = min(1 - 1 / (t + 1), 0.6 if t <= 10 else 0.95)
+    expected = d * expected + (1 - d) * params
+    np.testing.assert_allclose(teacher['w'], expected, rtol=1e-6, atol=1e-6)
+
+
 def test_consistency_costs_match_numpy():
   rng = np.random.RandomState(1)
   s, t = rng.randn(2, 8, 5).astype(np.float32) * 3

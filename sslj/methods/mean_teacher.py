@@ -137,7 +137,8 @@ def build(config, data, num_steps: int) -> base.Method:
   spec = augment.AugmentSpec.from_config(config.augment)
   preprocess = network.Preprocess(spec, data.mean, data.std)
   tx = optim.make_optimizer(config.optimizer, num_steps)
-  average = ema.parameter_ema(mt.ema_decay)
+  average = ema.parameter_ema(mt.ema_decay, mt.ema_decay_rampup,
+                              int(round(mt.rampup_epochs * epoch_steps)))
 
   def init(key):
     variables = network.init_variables(model, key, data.labeled_images.shape[1:], spec)

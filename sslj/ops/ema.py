@@ -37,14 +37,18 @@ def decay_at(count, decay: float):
   return jnp.minimum(1.0 - 1.0 / (t + 1.0), decay)
 
 
-def parameter_ema(decay: float) -> ParameterEma:
+def parameter_ema(decay: float, rampup_decay: float | None = None,
+                  rampup_steps: int = 0) -> ParameterEma:
   """`init(params)` copies the student; `update(params, state)` folds them in.
 
   update returns `(teacher_params, new_state)` with
   teacher <- d_t * teacher + (1 - d_t) * params, computed by
-  `optax.incremental_update(new, old, step_size=1 - d_t)`.
+  `optax.incremental_update(new, old, step_size=1 - d_t)`, where
+  d_t = `decay_at(t, rampup_decay)` for the first `rampup_steps` updates
+  (when `rampup_decay` is given) and `decay_at(t, decay)` after: the paper's
+  "0.99 during the ramp-up, 0.999 for the rest of training" (Tarvainen &
+  Valpola 2017, Appendix B) is `parameter_ema(0.999, 0.99, rampup_steps)`.
   """
-
   def init(params) -> EmaState:
     return EmaState(count=jnp.zeros((), jnp.int32),
                     average=jax.tree.map(jnp.asarray, params))
@@ -52,6 +56,8 @@ def parameter_ema(decay: float) -> ParameterEma:
   def update(params, state: EmaState):
     count = state.count + 1
     d = decay_at(count, decay)
+    if rampup_decay is not None and rampup_steps > 0:
+      d = jnp.where(count <= rampup_steps, decay_at(count, rampup_decay), d)
     average = optax.incremental_update(params, state.average, step_size=1.0 - d)
     return average, EmaState(count=count, average=average)
 
