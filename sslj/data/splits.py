@@ -84,8 +84,8 @@ def labeled_subset(
       or labels_per_class < 1
   ):
     raise UserError(
-        f'labels_per_class={labels_per_class!r} must be an integer >= 1 (or '
-        'None for all labels).'
+        f'labels_per_class={labels_per_class!r} must be an integer >= 1; for every '
+        'label, use labels_per_class=all in the config string.'
     )
   classes = np.arange(num_classes) if num_classes is not None else np.unique(labels)
   if len(classes) == 0:
