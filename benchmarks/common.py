@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sslj import methods, parallel, train
+from sslj import configlib, methods, parallel, train
 from sslj.data import splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,12 +94,7 @@ def load_config(spec: str, overrides: dict | None = None):
   module_spec.loader.exec_module(module)
   config = module.get_config(arg or None)
   config.unlock()
-  for key, value in (overrides or {}).items():
-    target = config
-    *parents, leaf = key.split('.')
-    for part in parents:
-      target = target[part]
-    target[leaf] = value
+  configlib.set_fields(config, overrides or {})
   config.lock()
   return config
 

@@ -112,3 +112,13 @@ def base_config(method: str, args: ml_collections.ConfigDict) -> ml_collections.
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   return c
+
+
+def set_fields(config: ml_collections.ConfigDict, values: dict) -> None:
+  """Sets dotted fields (`{'optimizer.learning_rate': 0.1}`) of an unlocked config."""
+  for key, value in values.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for part in parents:
+      target = target[part]
+    target[leaf] = value

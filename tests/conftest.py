@@ -30,11 +30,7 @@ def tiny_config(method='supervised', arg='', **overrides):
   config.log_every = 4
   config.eval_every = 6
   config.checkpoint_every = 6
-  for key, value in overrides.items():
-    target = config
-    *path, leaf = key.split('.')
-    for part in path:
-      target = target[part]
-    target[leaf] = value
+  from sslj import configlib
+  configlib.set_fields(config, overrides)
   config.lock()
   return config
