@@ -100,6 +100,8 @@ def base_config(method: str, args: ml_collections.ConfigDict) -> ml_collections.
   # > 0 sets the dropout before the head of small_cnn / convlarge; 0 keeps the
   # model's own default (none for small_cnn, the paper's 0.5 for convlarge).
   c.model.dropout_rate = 0.0
+  # > 0 sets the first convolution's kernel side of small_cnn (its default: 3).
+  c.model.first_kernel_size = 0
 
   c.augment = augment_for(args.dataset)
 

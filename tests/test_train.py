@@ -125,3 +125,20 @@ def test_model_dropout_rate_reaches_the_model():
   assert network.build_model(tiny_config(), 10).dropout_rate == 0.0
   with pytest.raises(UserError, match='resnet18'):
     network.build_model(tiny_config(**{'model.name': 'resnet18', 'model.dropout_rate': 0.5}), 10)
+
+
+def test_model_first_kernel_size_reaches_the_first_convolution():
+  import jax
+  import jax.numpy as jnp
+  from sslj.errors import UserError
+  from sslj.methods import network
+  config = tiny_config(**{'model.first_kernel_size': 7})
+  assert network.model_options(config) == {'first_kernel_size': 7}
+  model = network.build_model(config, 10)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))['params']
+  assert params['Conv_0']['kernel'].shape == (7, 7, 1, 32)
+  assert params['Conv_1']['kernel'].shape[:2] == (3, 3)
+  assert network.model_options(tiny_config()) == {}
+  with pytest.raises(UserError, match='resnet18'):
+    network.build_model(tiny_config(**{'model.name': 'resnet18', 'model.first_kernel_size': 7}),
+                        10)

@@ -23,12 +23,23 @@ def compute_dtype(name: str):
   return _DTYPES[name]
 
 
+# Model attributes a config may set; 0 (the config's default) keeps the model's own.
+_MODEL_OPTIONS = ('dropout_rate', 'first_kernel_size')
+
+
+def model_options(config) -> dict:
+  """The model attributes `config.model` sets, as keywords of `models.build`.
+
+  Only the ones set are passed, so models without them keep working and a
+  model that cannot take one says so in one line.
+  """
+  return {k: config.model[k] for k in _MODEL_OPTIONS if config.model.get(k)}
+
+
 def build_model(config, num_classes: int, num_heads: int = 1):
-  # Only passed when set, so models without dropout keep working and a model
-  # that cannot take it says so in one line.
-  extra = {'dropout_rate': config.model.dropout_rate} if config.model.get('dropout_rate') else {}
   return models.build(config.model.name, num_classes=num_classes,
-                      dtype=compute_dtype(config.model.dtype), num_heads=num_heads, **extra)
+                      dtype=compute_dtype(config.model.dtype), num_heads=num_heads,
+                      **model_options(config))
 
 
 def init_variables(model, key, image_shape, spec: augment.AugmentSpec):

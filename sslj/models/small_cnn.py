@@ -37,12 +37,18 @@ class SmallCNN(nn.Module):
     widths: channels of each [conv, BN, ReLU] stage.
     dropout_rate: dropout on the pooled features in training (0 = off); needs
       the 'dropout' rng when > 0 and train=True.
+    first_kernel_size: side of the first convolution's kernel (3 like the
+      others by default). A larger one (5, 7) gives first-layer filters that
+      can be read as pictures (edges, blobs), as the 7x7 and 11x11 first
+      layers of the ResNets and AlexNet do; 3x3 filters of one grey channel
+      are nine numbers each.
     dtype: compute dtype; parameters stay float32.
   """
   num_classes: int
   num_heads: int = 1
   widths: Sequence[int] = (32, 64, 128)
   dropout_rate: float = 0.0
+  first_kernel_size: int = 3
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -55,7 +61,8 @@ class SmallCNN(nn.Module):
                              param_dtype=jnp.float32)
     x = jnp.asarray(x, self.dtype)
     for i, width in enumerate(self.widths):
-      x = nn.relu(norm()(conv(width)(x)))
+      kernel = self.first_kernel_size if i == 0 else 3
+      x = nn.relu(norm()(conv(width, kernel_size=(kernel, kernel))(x)))
       if i < len(self.widths) - 1 and x.shape[1] >= MIN_POOL_HEIGHT:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
     # Pool in float32: a bf16 mean over many positions loses precision.

@@ -145,11 +145,14 @@ def reported_network(config, data, state) -> ReportedNetwork:
   preprocess = network.Preprocess(augment.AugmentSpec.from_config(config.augment), data.mean,
                                   data.std)
   model_config = {'name': config.model.name, 'dtype': config.model.dtype, 'num_heads': num_heads}
+  options = network.model_options(config)
+  if options:
+    model_config['options'] = options
   if config.method == 'deep_cluster' and config.deep_cluster.sobel:
     model_config['front_end'] = 'sobel'
   if config.method == 'exemplar_cnn':  # its fc layer spans the training patch
     from sslj.methods import exemplar_cnn  # pylint: disable=g-import-not-at-top
-    model_config['options'] = {'input_size': exemplar_cnn.patch_size(config, data)}
+    model_config['options'] = {**options, 'input_size': exemplar_cnn.patch_size(config, data)}
   return build_network(model_config, data.num_classes, variables, preprocess)
 
 
