@@ -30,7 +30,7 @@ def parse_flags(argv):
     cause = e.__cause__ or e.__context__
     if isinstance(cause, UserError):
       fail(str(cause))
-    fail(_one_line(str(e)))
+    fail(one_line(str(e)))
   except UserError as e:
     fail(str(e))
   except OSError as e:  # a config file that is missing or cannot be read
@@ -38,9 +38,7 @@ def parse_flags(argv):
   except (KeyError, AttributeError, TypeError, ValueError) as e:
     # ml_collections reports a misspelt or mistyped `--config.x=y` this way.
     if isinstance(e, KeyError) and e.args:
-      name, _, hint = str(e.args[0]).partition('\n')
-      fail(f'bad config override: the config has no field {name}. '
-           f'{hint or "See the config file for the fields that exist."}')
+      fail(unknown_field(e))
     fail('bad config override: ' + ' '.join(str(e).split()))
 
 
@@ -52,9 +50,23 @@ def config_unreadable(error: OSError) -> None:
   fail(f'cannot load --config={spec}: ' + (detail[-1] if detail else ' '.join(lines)))
 
 
-def _one_line(text: str) -> str:
+def unknown_field(error: KeyError) -> str:
+  """The one line for ml_collections' KeyError on a misspelt `--config.x=y`."""
+  name, _, hint = str(error.args[0] if error.args else error).partition('\n')
+  return (f'bad config override: the config has no field {name}. '
+          f'{hint or "See the config file for the fields that exist."}')
+
+
+def one_line(text: str) -> str:
+  """The last non-empty line of an absl flag error (the part that says what is wrong)."""
   lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
   return lines[-1] if lines else text
+
+
+def log_sslj_info() -> None:
+  """INFO logging for sslj's own lines; libraries speak at WARNING."""
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_OnlyOurInfo())
 
 
 class _OnlyOurInfo(pylogging.Filter):
@@ -87,8 +99,7 @@ def run(*, config, workdir, mode, coordinator_address=None, num_processes=None,
     fail('--config and --workdir are required, e.g. --config=configs/supervised.py --workdir=runs/x')
   if not workdir:
     fail(f'--mode={mode} needs --workdir=DIR, the directory of a trained run.')
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_OnlyOurInfo())
+  log_sslj_info()
   try:
     from sslj import parallel, train
     parallel.initialize_distributed(coordinator_address, num_processes, process_id)

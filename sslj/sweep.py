@@ -118,11 +118,9 @@ def load_config(spec: str, overrides, labels_per_class, seed: int):
     return config
   except flags.Error as e:  # Worded as `sslj.cli.parse_flags` words them.
     cause = e.__cause__ or e.__context__
-    raise UserError(str(cause) if isinstance(cause, UserError) else cli._one_line(str(e))) from None
+    raise UserError(str(cause) if isinstance(cause, UserError) else cli.one_line(str(e))) from None
   except KeyError as e:
-    name, _, hint = str(e.args[0] if e.args else e).partition('\n')
-    raise UserError(f'bad config override: the config has no field {name}. '
-                    f'{hint or "See the config file for the fields that exist."}') from None
+    raise UserError(cli.unknown_field(e)) from None
   except (AttributeError, TypeError, ValueError, OSError) as e:
     raise UserError(f'--config={spec}: ' + ' '.join(str(e).split())) from None
 
@@ -339,8 +337,7 @@ def main(argv, specs=(), overrides=()):
   f = flags.FLAGS
   if not f.workdir:
     cli.fail('--workdir=DIR is required, e.g. --workdir=runs/sweep.')
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(cli._OnlyOurInfo())  # pylint: disable=protected-access
+  cli.log_sslj_info()
   workdir = os.path.abspath(f.workdir)
   try:
     if f.table_only:

@@ -161,3 +161,23 @@ def test_tiny_run_writes_results(tmp_path, data_dir):
   assert written['top1'] == written['models']['ema']['top1'] == results['top1']
   lines = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   assert any('train/mask_rate' in l and 'train/max_prob' in l for l in lines)
+
+
+def test_pictures_show_each_image_its_weak_and_strong_views(data_dir):
+  from sslj.viz import grids
+  config = tiny_config('fixmatch', **{'data.data_dir': data_dir})
+  data = train.load_data(config)
+  made = fixmatch.pictures(None, config, data)
+  grid, caption = made['weak_and_strong_views']
+  h, w = data.unlabeled_images.shape[1:3]
+  zoom = grids.zoom_for((h, w), 64)
+  cols, rows = fixmatch.PICTURE_VIEWS + 2, fixmatch.PICTURE_IMAGES
+  assert grid.dtype == np.uint8
+  assert grid.shape[1::-1] == grids.grid_size(cols * rows, (h, w), cols, zoom)
+  assert 'RandAugment' in caption
+  # Strong views differ from each other (random ops) and the grid is not blank.
+  tile_px = h * zoom + grids.GAP
+  strong = [grid[grids.GAP:grids.GAP + h * zoom, grids.GAP + c * tile_px:][:, :w * zoom]
+            for c in range(2, cols)]
+  assert len({s.tobytes() for s in strong}) == len(strong)
+  assert grid.astype(np.float64).var() > 100

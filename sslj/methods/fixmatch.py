@@ -34,12 +34,14 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sslj.data import augment, randaugment
 from sslj.errors import UserError
 from sslj.methods import base, network
 from sslj.ops import ema, optim, pseudo_labels
+from sslj.viz import grids
 
 
 class FixMatchState(flax.struct.PyTreeNode):
@@ -62,11 +64,14 @@ class StrongAugment:
     self.std = jnp.asarray(std, jnp.float32)
 
   def __call__(self, images, key):
+    return augment.normalize(self.views(images, key), self.mean, self.std)
+
+  def views(self, images, key):
+    """The strong views as float32 images in [0, 1], before normalisation."""
     weak_key, strong_key = jax.random.split(key)
     x = augment.augment_batch(images, weak_key, self.spec)
-    x = randaugment.randaugment(x, strong_key, num_ops=self.num_ops,
-                                cutout_fraction=self.cutout, ops=self.ops)
-    return augment.normalize(x, self.mean, self.std)
+    return randaugment.randaugment(x, strong_key, num_ops=self.num_ops,
+                                   cutout_fraction=self.cutout, ops=self.ops)
 
 
 def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *,
@@ -128,6 +133,39 @@ def predict(state: FixMatchState, images, *, preprocess: network.Preprocess):
   return {'model': model, 'ema': averaged}
 
 
+PICTURE_IMAGES, PICTURE_VIEWS = 6, 7
+
+
+def strong_augment(config, data) -> StrongAugment:
+  fm = config.fixmatch
+  return StrongAugment(augment.AugmentSpec.from_config(config.augment), data.mean, data.std,
+                       num_ops=fm.randaugment_num_ops, cutout=fm.cutout,
+                       ops=tuple(fm.randaugment_ops))
+
+
+def pictures(state, config, data) -> dict:  # pylint: disable=unused-argument
+  """`python -m sslj.viz` hook: unlabeled images, a weak view and strong views of each."""
+  rng = np.random.default_rng(config.seed)
+  index = np.sort(rng.choice(len(data.unlabeled_images), PICTURE_IMAGES, replace=False))
+  images = np.asarray(data.unlabeled_images[index])
+  strong = strong_augment(config, data)
+  key = jax.random.key(config.seed)
+  weak = augment.augment_batch(images, jax.random.fold_in(key, 0), strong.spec)
+  views = jax.jit(strong.views)(np.repeat(images, PICTURE_VIEWS, 0), jax.random.fold_in(key, 1))
+  rows = np.concatenate([images[:, None].astype(np.float32) / 255, np.asarray(weak)[:, None],
+                         np.asarray(views).reshape((PICTURE_IMAGES, PICTURE_VIEWS) + images.shape[1:])],
+                        axis=1)
+  tiles = rows.reshape((-1,) + images.shape[1:])
+  cols = PICTURE_VIEWS + 2
+  grid = grids.tile(tiles, cols=cols, zoom=grids.zoom_for(images.shape[1:3], 64),
+                    framed=tuple(range(0, len(tiles), cols)))
+  return {'weak_and_strong_views': (
+      grid, f'{PICTURE_IMAGES} unlabeled training images, one per row: the image (framed in red), '
+            f'one weak view (the pseudo-label\'s input) and {PICTURE_VIEWS} strong views '
+            f'(RandAugment, {config.fixmatch.randaugment_num_ops} ops, + Cutout up to '
+            f'{config.fixmatch.cutout:g} of the side), drawn with the training code.')}
+
+
 def batch_split(config) -> tuple[int, int]:
   """(labeled, unlabeled) images per step: batch_size and mu * batch_size."""
   return base.labeled_times_mu(config, config.fixmatch.mu, 'fixmatch')
@@ -149,10 +187,8 @@ def build(config, data, num_steps: int) -> base.Method:
   if spec.out_size:
     raise UserError('fixmatch does not support augment.out_size; resize the data instead.')
   preprocess = network.Preprocess(spec, data.mean, data.std)
-  ops = tuple(fm.randaugment_ops)
-  randaugment.check_options(ops, fm.cutout)
-  strong = StrongAugment(spec, data.mean, data.std, num_ops=fm.randaugment_num_ops,
-                         cutout=fm.cutout, ops=ops)
+  randaugment.check_options(tuple(fm.randaugment_ops), fm.cutout)
+  strong = strong_augment(config, data)
   tx = optim.make_optimizer(config.optimizer, num_steps)
   average = ema.parameter_ema(fm.ema_decay)
 
