@@ -111,6 +111,7 @@ def base_config(method: str, args: ml_collections.ConfigDict) -> ml_collections.
 
   c.log_every = 100
   c.eval_every = 500
+  c.eval_at = ''  # more evaluation steps, e.g. '10,20,50,100': the early part of a curve
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   return c

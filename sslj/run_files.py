@@ -15,7 +15,7 @@ from sslj.errors import UserError
 
 # Fields that change how a run is watched or stored, not what it computes:
 # they may differ when a run is resumed.
-_RUN_CONTROL = ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
+_RUN_CONTROL = ('log_every', 'eval_every', 'eval_at', 'checkpoint_every', 'keep_checkpoints',
                 'eval_batch_size', 'data.data_dir', 'data.manual_dir')
 
 

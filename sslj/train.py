@@ -136,6 +136,19 @@ def num_steps_for(config, module, data) -> int:
   return config.num_steps
 
 
+def extra_eval_steps(config) -> frozenset:
+  """The steps of `eval_at` ('10,20,50'): evaluations besides every `eval_every`."""
+  text = config.get('eval_at') or ''
+  try:
+    steps = frozenset(int(part) for part in text.split(',') if part.strip())
+  except ValueError:
+    steps = frozenset({0})
+  if any(step < 1 for step in steps):
+    raise UserError(f"eval_at='{text}' must be comma-separated steps >= 1, e.g. "
+                    "--config.eval_at=10,20,50,100 (the early part of a training curve).")
+  return steps
+
+
 # How many steps the host may dispatch ahead of the device. JAX dispatches
 # asynchronously and the runtime would queue dozens of steps; queued work
 # cannot be cancelled, so on SIGTERM it would all run before the checkpoint
@@ -179,6 +192,7 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
   if hasattr(module, 'run_pipeline'):
     return _run_pipeline(module, config, data, workdir, started)
   num_steps = num_steps_for(config, module, data)
+  eval_at = extra_eval_steps(config)
   method = module.build(config, data, num_steps)
   for what, size in (('batch_size', method.labeled_batch + method.unlabeled_batch),
                      ('labeled batch', method.labeled_batch),
@@ -238,7 +252,8 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
         run_files.record_wall_time(workdir, step, wall_before + time.perf_counter() - started)
 
   def eval_due(step):
-    return config.eval_every > 0 and step % config.eval_every == 0 and 0 < step < num_steps
+    every = config.eval_every > 0 and step % config.eval_every == 0
+    return (every or step in eval_at) and 0 < step < num_steps
 
   if start_step:
     logging.info('Resuming at step %d of %d.', start_step, num_steps)

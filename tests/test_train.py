@@ -47,6 +47,19 @@ def test_run_writes_results_metrics_and_checkpoints(tmp_path, data_dir):
   assert step == 12
 
 
+def test_eval_at_adds_early_evaluations_and_bad_lists_fail_first(tmp_path, data_dir):
+  from sslj.errors import UserError
+  config = tiny_config(**{'data.data_dir': data_dir, 'eval_at': '1, 3,6,20'})
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  lines = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
+  assert [l['step'] for l in lines if 'eval/model/top1' in l] == [1, 3, 6, 12]
+  for bad in ('0,10', 'ten', '5;10'):
+    with pytest.raises(UserError, match='eval_at'):
+      train.train_and_evaluate(tiny_config(**{'data.data_dir': data_dir, 'eval_at': bad}),
+                               str(tmp_path / 'bad'))
+  assert not (tmp_path / 'bad').exists()
+
+
 def test_interrupted_run_resumes_to_the_same_end(tmp_path, data_dir, monkeypatch):
   config = tiny_config(**{'data.data_dir': data_dir})
   straight = tmp_path / 'straight'
