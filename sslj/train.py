@@ -19,6 +19,7 @@ from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from sslj import checkpoint, logbook, methods, parallel, run_files
@@ -157,12 +158,32 @@ def extra_eval_steps(config) -> frozenset:
 DISPATCH_AHEAD = 1
 
 
+# With several processes, how often (in steps) they agree whether any of them
+# got SIGTERM. Every process checks at the same steps, so all stop at the same
+# step and save the same checkpoint; a check costs one small all-gather and
+# stalls the dispatch queue, so it is not done every step.
+STOP_CHECK_EVERY = 10
+
+
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks at each step boundary."""
+  """Turns SIGTERM into a flag the loop checks at step boundaries.
+
+  One process reads its own flag at every step. Several processes stop only
+  at an agreed step (`should_stop`): a host that stopped alone would leave
+  the others waiting in the next collective.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    if step % STOP_CHECK_EVERY:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    return bool(np.max(flags))
 
   def __enter__(self):
     def handler(signum, frame):
@@ -276,10 +297,11 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
         if method.on_log is not None:
           scalars.update(method.on_log(done, scalars))
         book.write(done, {f'train/{k}': v for k, v in scalars.items()})
-      if eval_due(done) and not preemption.requested:
+      stop = done < num_steps and preemption.should_stop(done)
+      if eval_due(done) and not stop:
         run_eval(done)  # On SIGTERM the resumed run evaluates this step first.
       save(done)
-      if preemption.requested and done < num_steps:
+      if stop:
         save(done, force=True)
         logging.warning('Stopped at step %d on SIGTERM; run the same command to resume.', done)
         book.close()

@@ -1,9 +1,12 @@
 """Two processes on the loopback address train as one process does."""
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -71,3 +74,50 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
   for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
     # Cross-process reductions may add in another order: equal to float32 rounding.
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  # Preemption often reaches one host first. Both processes must stop at the
+  # same step (a lone stop would leave the other waiting in a collective) and
+  # the same commands must then resume to the end.
+  workdir = tmp_path / 'run'
+  data_dir = str(tmp_path / 'tfds')  # unprepared: process 0 prepares, process 1 waits for it
+  steps = ['--config.num_steps=300', '--config.log_every=10', '--config.checkpoint_every=0']
+  port = _free_port()
+  args = lambda i, p: [*steps, f'--coordinator_address=127.0.0.1:{p}', '--num_processes=2',
+                       f'--process_id={i}']
+  procs = [_launch(workdir, data_dir, 2, args(i, port)) for i in range(2)]
+  outputs = []
+  try:
+    deadline = time.time() + 300
+    metrics = workdir / 'metrics.jsonl'
+    while not (metrics.exists() and metrics.read_text().strip()):
+      assert time.time() < deadline and procs[0].poll() is None, procs[0].stdout.read()[-3000:]
+      time.sleep(0.05)
+    procs[0].send_signal(signal.SIGTERM)
+    for p in procs:
+      code = p.wait(timeout=300)
+      outputs.append(p.stdout.read())
+      assert code == 0, outputs[-1][-3000:]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  stopped = [re.findall(r'Stopped at step (\d+) on SIGTERM', out) for out in outputs]
+  assert stopped[0] and stopped[0] == stopped[1], outputs[1][-3000:]
+  step = int(stopped[0][0])
+  assert step % train.STOP_CHECK_EVERY == 0 and step < 300
+  assert not (workdir / 'results.json').exists()
+
+  port = _free_port()
+  procs = [_launch(workdir, data_dir, 2, args(i, port)) for i in range(2)]
+  for p in procs:
+    try:
+      code = p.wait(timeout=600)
+    finally:
+      if p.poll() is None:
+        p.kill()
+    out = p.stdout.read()
+    assert code == 0, out[-3000:]
+    assert f'Resuming at step {step} of 300' in out
+  assert (workdir / 'results.json').exists()

@@ -159,7 +159,24 @@ def _as_size(image_size) -> tuple[int, int] | None:
 
 
 def _prepared_builder(name: str, data_dir, manual_dir, size):
-  """The tfds builder of dataset `name`, prepared."""
+  """The tfds builder of dataset `name`, prepared.
+
+  With several processes, process 0 prepares first and the others wait for
+  it: hosts that share a file system then read what it wrote, instead of
+  preparing into the same folder at once (tfds's final rename fails for all
+  but one). Hosts with their own disks each find nothing and prepare.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return _prepare_builder(name, data_dir, manual_dir, size)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  first = jax.process_index() == 0
+  builder = _prepare_builder(name, data_dir, manual_dir, size) if first else None
+  multihost_utils.sync_global_devices(f'sslj: {name} prepared')
+  return builder if first else _prepare_builder(name, data_dir, manual_dir, size)
+
+
+def _prepare_builder(name: str, data_dir, manual_dir, size):
   if name.startswith('image_folder:'):
     path = name.partition(':')[2]
     if not path:
