@@ -246,3 +246,19 @@ def test_bad_input_is_one_user_error(sup_run, tmp_path, capsys):
     cli.run(config=None, workdir=str(tmp_path / 'nowhere'), mode='viz')
   assert exit_info.value.code == cli.EXIT_USER_ERROR
   assert capsys.readouterr().err.strip().count('\n') == 0
+
+
+def test_curves_read_the_teacher_overtaking_and_use_a_log_axis_for_early_evals(tmp_path):
+  from sslj.viz import curves
+  student = [(10, 35.0), (20, 23.0), (30, 43.1), (40, 47.8), (100, 55.0), (1000, 80.0)]
+  teacher = [(10, 25.0), (20, 40.9), (30, 41.5), (40, 48.8), (100, 68.7), (1000, 81.0)]
+  assert curves.teacher_lead(student, teacher) == ([20, 40, 100, 1000], 40)
+  assert curves.teacher_lead(student, teacher[:-1] + [(1000, 79.0)]) == ([20, 40, 100], None)
+  records = [{'step': s, 'eval/student/top1': a, 'eval/teacher/top1': b, 'train/loss': 1.0 / s}
+             for (s, a), (_, b) in zip(student, teacher)]
+  size, numbers = curves.draw_curves(records, str(tmp_path / 'early.png'), title='t',
+                                     reported_model='teacher')
+  assert size == (1200, 450) and numbers['step_scale'] == 'log'
+  late = [r for r in records if r['step'] >= 100]
+  assert curves.draw_curves(late, str(tmp_path / 'late.png'), title='t',
+                            reported_model='teacher')[1]['step_scale'] == 'linear'

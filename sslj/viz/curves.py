@@ -81,9 +81,18 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
   return np.convolve(padded, kernel, mode='valid')
 
 
+# The top-1 panel's step axis is logarithmic when the first evaluation comes
+# at least this many times earlier than the last.
+EARLY_EVAL_RATIO = 50
+
+
 def draw_curves(records: list[dict], path: str, *, title: str,
                 reported_model: str | None) -> tuple[tuple[int, int], dict]:
   """Loss (left, log scale) and top-1 (right) against steps.
+
+  The top-1 panel's steps are on a log scale when the run evaluated early
+  (first evaluation at most 1/EARLY_EVAL_RATIO of the last), so the start of
+  training is readable.
 
   Every evaluated model's test top-1 shares the right axes (Mean Teacher's
   student and teacher together); the top-1 the method logs on its training
@@ -121,12 +130,32 @@ def draw_curves(records: list[dict], path: str, *, title: str,
     label = f'{name} (test)' + (', reported' if name == reported_model else '')
     ax_top1.plot(steps, values, marker='o', ms=4, lw=2 if name == reported_model else 1.4,
                  label=label)
-  ax_top1.set(xlabel='step', ylabel='top-1 accuracy (%)', title='Top-1 accuracy')
+  numbers['step_scale'] = 'linear'
+  eval_steps = [s for points in numbers['top1'].values() for s, _ in points if s > 0]
+  if eval_steps and min(eval_steps) * EARLY_EVAL_RATIO <= max(eval_steps):
+    # Dense early evaluations (`eval_at`): a log axis shows the start of training.
+    ax_top1.set_xscale('log')
+    numbers['step_scale'] = 'log'
+  xlabel = 'step' + (' (log scale)' if numbers['step_scale'] == 'log' else '')
+  ax_top1.set(xlabel=xlabel, ylabel='top-1 accuracy (%)', title='Top-1 accuracy')
   ax_top1.grid(alpha=0.3)
   ax_top1.legend(fontsize=8, loc='lower right')
   fig.suptitle(title)
   fig.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.86, wspace=0.22)
   return save_figure(fig, path), numbers
+
+
+def teacher_lead(student, teacher) -> tuple[list[int], int | None]:
+  """(steps where the teacher's top-1 is above the student's, the step from
+  which it stays above to the last evaluation, or None) for [(step, top1)] lists."""
+  pairs = list(zip(student, teacher))
+  ahead = [t[0] for s, t in pairs if t[1] > s[1]]
+  stays = None
+  for s, t in reversed(pairs):
+    if t[1] <= s[1]:
+      break
+    stays = t[0]
+  return ahead, stays
 
 
 def confusion_counts(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:

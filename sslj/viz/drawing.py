@@ -41,12 +41,15 @@ def curves_picture(ctx: Context) -> list:
              'its training batches (train_top1).')
   top1 = numbers['top1']
   if 'student' in top1 and 'teacher' in top1:
-    pairs = list(zip(top1['student'], top1['teacher']))
-    ahead = [t[0] for s, t in pairs if t[1] > s[1]]
-    numbers['teacher_ahead_at'] = ahead
+    ahead, stays = curves.teacher_lead(top1['student'], top1['teacher'])
+    numbers['teacher_ahead_at'], numbers['teacher_ahead_from'] = ahead, stays
     caption += (f' Mean Teacher: student and teacher share the axes; the teacher is ahead at '
-                f'{len(ahead)} of {len(pairs)} evaluations'
-                + (f', first at step {ahead[0]}.' if ahead else '.'))
+                f'{len(ahead)} of {len(top1["teacher"])} evaluations'
+                + (f', first at step {ahead[0]}' if ahead else '')
+                + (f', and at every one from step {stays} to the end.' if stays is not None
+                   else ', and not at the last.'))
+  if numbers.get('step_scale') == 'log':
+    caption += ' The top-1 steps are on a log scale (the run evaluated early, eval_at).'
   steps = [r['step'] for r in records]
   return [Picture('curves', 'curves.png', 'Training curves', caption,
                   f'metrics.jsonl, steps {min(steps)} to {max(steps)}', size, numbers)]
