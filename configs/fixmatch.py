@@ -18,7 +18,12 @@ small translations (the `augment` section) as the weak one.
 
 Presets (config string):
   configs/fixmatch.py:dataset=fashion_mnist,labels_per_class=10
-    sized for a CPU: 3,000 steps of 8 labeled + 7 x 8 unlabeled images.
+    sized for a CPU: 3,000 steps of 8 labeled + 7 x 8 unlabeled images
+    (about 3 passes over the unlabeled pool). Measured on a 2-core CPU:
+    73.99 +- 1.12 top-1 over seeds 0-2 (15-19 min a run), against the
+    supervised baseline's 71.18 +- 1.31; --config.num_steps=10000 gave 78.34
+    at seed 0 (47 min) and was still rising. The paper's regime is far
+    longer (2^20 steps of 64 + 448 images).
   configs/fixmatch.py:dataset=cifar10,labels_per_class=25,model=resnet18
     the paper's B = 64, mu = 7 (its 2^20 steps are num_steps=1048576).
 """
