@@ -34,6 +34,29 @@ def _launch(workdir, data_dir, devices, extra=()):
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _launch_pair(workdir, data_dir, extra=()):
+  """Two processes with two CPU devices each, joined over a fresh loopback port."""
+  port = _free_port()
+  return [_launch(workdir, data_dir, 2, [*extra, f'--coordinator_address=127.0.0.1:{port}',
+                                         '--num_processes=2', f'--process_id={i}'])
+          for i in range(2)]
+
+
+def _outputs_of_successful(procs, timeout=600):
+  """Waits for every process (killing any left on failure); asserts exit 0; their outputs."""
+  outputs = []
+  try:
+    for p in procs:
+      code = p.wait(timeout=timeout)
+      outputs.append(p.stdout.read())
+      assert code == 0, outputs[-1][-3000:]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return outputs
+
+
 def _final_state(workdir, data_dir):
   config = tiny_config('supervised', **{'data.data_dir': data_dir, 'num_steps': 8})
   data = train.load_data(config)
@@ -55,19 +78,7 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
   # same global mesh and batch), sharing a workdir as hosts share a file system.
   one = _launch(tmp_path / 'one', data_dir, 4)
   assert one.wait(timeout=600) == 0, one.stdout.read()[-3000:]
-  port = _free_port()
-  procs = [_launch(tmp_path / 'two', data_dir, 2,
-                   [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-                    f'--process_id={i}']) for i in range(2)]
-  outputs = []
-  for p in procs:
-    try:
-      code = p.wait(timeout=600)
-    finally:
-      if p.poll() is None:
-        p.kill()
-    outputs.append(p.stdout.read())
-    assert code == 0, outputs[-1][-3000:]
+  outputs = _outputs_of_successful(_launch_pair(tmp_path / 'two', data_dir))
   assert 'Process 1 of 2 joined' in outputs[1]
 
   expected, got = _final_state(tmp_path / 'one', data_dir), _final_state(tmp_path / 'two', data_dir)
@@ -83,41 +94,25 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   workdir = tmp_path / 'run'
   data_dir = str(tmp_path / 'tfds')  # unprepared: process 0 prepares, process 1 waits for it
   steps = ['--config.num_steps=300', '--config.log_every=10', '--config.checkpoint_every=0']
-  port = _free_port()
-  args = lambda i, p: [*steps, f'--coordinator_address=127.0.0.1:{p}', '--num_processes=2',
-                       f'--process_id={i}']
-  procs = [_launch(workdir, data_dir, 2, args(i, port)) for i in range(2)]
-  outputs = []
+  procs = _launch_pair(workdir, data_dir, steps)
   try:
     deadline = time.time() + 300
     metrics = workdir / 'metrics.jsonl'
     while not (metrics.exists() and metrics.read_text().strip()):
       assert time.time() < deadline and procs[0].poll() is None, procs[0].stdout.read()[-3000:]
       time.sleep(0.05)
-    procs[0].send_signal(signal.SIGTERM)
+  except BaseException:
     for p in procs:
-      code = p.wait(timeout=300)
-      outputs.append(p.stdout.read())
-      assert code == 0, outputs[-1][-3000:]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+      p.kill()
+    raise
+  procs[0].send_signal(signal.SIGTERM)
+  outputs = _outputs_of_successful(procs, timeout=300)
   stopped = [re.findall(r'Stopped at step (\d+) on SIGTERM', out) for out in outputs]
   assert stopped[0] and stopped[0] == stopped[1], outputs[1][-3000:]
   step = int(stopped[0][0])
   assert step % train.STOP_CHECK_EVERY == 0 and step < 300
   assert not (workdir / 'results.json').exists()
 
-  port = _free_port()
-  procs = [_launch(workdir, data_dir, 2, args(i, port)) for i in range(2)]
-  for p in procs:
-    try:
-      code = p.wait(timeout=600)
-    finally:
-      if p.poll() is None:
-        p.kill()
-    out = p.stdout.read()
-    assert code == 0, out[-3000:]
+  for out in _outputs_of_successful(_launch_pair(workdir, data_dir, steps)):
     assert f'Resuming at step {step} of 300' in out
   assert (workdir / 'results.json').exists()
