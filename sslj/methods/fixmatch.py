@@ -152,9 +152,9 @@ def pictures(state, config, data) -> dict:  # pylint: disable=unused-argument
   key = jax.random.key(config.seed)
   weak = augment.augment_batch(images, jax.random.fold_in(key, 0), strong.spec)
   views = jax.jit(strong.views)(np.repeat(images, PICTURE_VIEWS, 0), jax.random.fold_in(key, 1))
+  views = np.asarray(views).reshape((PICTURE_IMAGES, PICTURE_VIEWS) + images.shape[1:])
   rows = np.concatenate([images[:, None].astype(np.float32) / 255, np.asarray(weak)[:, None],
-                         np.asarray(views).reshape((PICTURE_IMAGES, PICTURE_VIEWS) + images.shape[1:])],
-                        axis=1)
+                         views], axis=1)
   tiles = rows.reshape((-1,) + images.shape[1:])
   cols = PICTURE_VIEWS + 2
   grid = grids.tile(tiles, cols=cols, zoom=grids.zoom_for(images.shape[1:3], 64),
