@@ -115,11 +115,34 @@ def test_supervised_run_pictures(sup_run, sup_drawn):
   for f in (0, 31):
     shown = _tile(image, f, 6, (3, 3), 16)
     assert np.array_equal(shown[..., 0], _expected_tile(kernel[..., f])[..., 0])
+  # Its structure figure is computed from those same kernels.
+  assert np.allclose(named['filters'].numbers['neighbour_correlation'],
+                     pictures.neighbour_correlation(np.moveaxis(kernel, -1, 0)))
+  assert 'smoother than 95% of random ones' in named['filters'].caption
   # The original in the augmentation grid is framed; the hook's bad picture is skipped.
   assert tuple(_png(folder, 'augmentations.png')[0, 0]) == grids.FRAME
   assert 'bad picture' in named['supervised_broken'].reason
   assert 'only kmeans_svm' in named['centroids'].reason
   assert 'exemplar_cnn' in named['exemplar_patches'].reason
+
+
+def test_neighbour_correlation_against_numpy_and_on_noise_and_bars():
+  rng = np.random.default_rng(1)
+  tiles = rng.standard_normal((5, 7, 6, 3))
+  got = pictures.neighbour_correlation(tiles)
+  for f in range(5):
+    x = tiles[f] - tiles[f].mean()
+    h = np.corrcoef(x[:, :-1].ravel(), x[:, 1:].ravel())[0, 1]
+    v = np.corrcoef(x[:-1].ravel(), x[1:].ravel())[0, 1]
+    assert got[f] == pytest.approx(max(h, v), abs=1e-12)
+  # Noise scores near 0; vertical bars (constant down a column) score 1,
+  # whatever their orientation; a constant filter scores 0, not NaN.
+  noise = pictures.random_neighbour_correlation((7, 7, 1))
+  assert abs(np.median(noise)) < 0.15 and np.quantile(noise, 0.95) < 0.45
+  bars = np.tile(rng.standard_normal(7)[None, :, None], (7, 1, 1))
+  scores = pictures.neighbour_correlation(np.stack([bars, bars.transpose(1, 0, 2),
+                                                    np.ones((7, 7, 1))]))
+  assert scores == pytest.approx([1.0, 1.0, 0.0])
 
 
 def test_mean_teacher_run_pictures(tmp_path, data_dir):

@@ -36,6 +36,7 @@ NUM_AUGMENTATIONS = 31
 EXEMPLAR_SEEDS = 8
 EXEMPLAR_TRANSFORMS = 11
 HOOK_MIN_WIDTH = 400  # a method's own picture is upscaled to at least this width
+RANDOM_FILTERS = 2000  # i.i.d. Gaussian filters drawn for the smoothness reference
 
 
 def _path(ctx: Context, name: str) -> str:
@@ -68,6 +69,36 @@ def conv_kernels(params, in_channels: int) -> list[tuple[tuple[str, ...], np.nda
   return sorted(found, key=lambda item: _natural_key(item[0]))
 
 
+def neighbour_correlation(tiles: np.ndarray) -> np.ndarray:
+  """How smooth each filter is: one number per filter in [-1, 1].
+
+  `tiles` is [filters, kh, kw, channels]. For each filter, the correlation
+  between horizontally adjacent taps and between vertically adjacent taps
+  (pooled over channels, after removing the filter's mean); the larger of
+  the two, so bars and edges in either direction count. Filters that are
+  noise score near 0, edges, bars and blobs well above.
+  """
+  x = np.asarray(tiles, np.float64)
+  x = x - x.mean(axis=(1, 2, 3), keepdims=True)
+
+  def corr(a, b):
+    a = a.reshape(len(x), -1)
+    b = b.reshape(len(x), -1)
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    return np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1.0), 0.0)
+
+  return np.maximum(corr(x[:, :, :-1], x[:, :, 1:]), corr(x[:, :-1], x[:, 1:]))
+
+
+@functools.lru_cache(maxsize=8)
+def random_neighbour_correlation(shape: tuple[int, int, int]) -> np.ndarray:
+  """`neighbour_correlation` of i.i.d. Gaussian filters of `shape` (kh, kw, channels)."""
+  rng = np.random.default_rng(0)
+  return neighbour_correlation(rng.standard_normal((RANDOM_FILTERS,) + tuple(shape)))
+
+
 def filters(ctx: Context) -> list:
   """First-layer convolution filters of the reported network, each normalised on its own."""
   run = ctx.need_run()
@@ -93,12 +124,21 @@ def filters(ctx: Context) -> list:
   image = grids.tile(grids.normalize_each(tiles), cols=cols, zoom=grids.zoom_for((kh, kw), FILTER_PX))
   size = grids.save_png(_path(ctx, 'filters'), image)
   kind = 'RGB' if cin == 3 else 'grey'
+  smooth = neighbour_correlation(tiles)
+  noise = random_neighbour_correlation(tiles.shape[1:])
+  above = int((smooth > np.quantile(noise, 0.95)).sum())
   return [Picture(
       'filters', 'filters.png', 'First-layer convolution filters',
       f'The {cout} {kh}x{kw} filters of the first convolution ({"/".join(path[:-1])}) of '
       f'{whose}, as {kind} images, each stretched to its own min..max range (so contrast is '
-      'comparable within a filter, not between filters).',
-      ctx.checkpoint_source(), size, numbers={'num_filters': cout, 'kernel_shape': kernel.shape},
+      'comparable within a filter, not between filters). Structure, measured as the '
+      'correlation of adjacent taps (the larger of horizontal and vertical): median '
+      f'{np.median(smooth):.2f} against {np.median(noise):.2f} for random Gaussian filters '
+      f'of this shape; {above} of {cout} filters are smoother than 95% of random ones.',
+      ctx.checkpoint_source(), size,
+      numbers={'num_filters': cout, 'kernel_shape': kernel.shape,
+               'neighbour_correlation': smooth, 'random_median': float(np.median(noise)),
+               'smoother_than_random': above},
       crisp=True)]
 
 
