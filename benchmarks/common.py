@@ -201,6 +201,7 @@ class TrainStep:
 
   Attributes:
     config, method, mesh: the run's config, `base.Method` and mesh.
+    data: the host-side `SemiSupervisedData` the benchmark was built from.
     images_per_step: labeled + unlabeled images a step samples (for methods
       that sample none themselves, such as Exemplar-CNN, `batch_size`).
     jitted: the jitted `(state, first_bad, data, base_key) -> (state, first_bad, metrics)`.
@@ -208,6 +209,7 @@ class TrainStep:
 
   def __init__(self, config, data, *, donate: bool = True):
     self.config = config
+    self.data = data
     module = methods.get(config.method)
     self.method = module.build(config, data, train.num_steps_for(config, module, data))
     self.mesh = parallel.make_mesh()

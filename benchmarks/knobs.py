@@ -70,7 +70,7 @@ def _scan_runner(bench: common.TrainStep, k: int, unroll: bool = False):
 def _host_runner(bench: common.TrainStep, seed: int = 0):
   """numpy batches gathered on the host each step, fed to the jitted method step."""
   method = bench.method
-  data = common.synthetic_data(SHAPE, unlabeled=1297)
+  data = bench.data
   rng = np.random.default_rng(seed)
   step = jax.jit(method.train_step, donate_argnums=(0,))
   box = [bench.fresh_carry()[0]]
