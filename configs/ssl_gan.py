@@ -20,8 +20,13 @@ recognisable digits.
 
 Presets (config string):
   configs/ssl_gan.py:dataset=fashion_mnist,labels_per_class=10
-    a CPU-sized pilot (28x28 images, the generator starts at 7x7); not yet
-    measured.
+    28x28 images, the generator starts at 7x7 and upsamples by resize +
+    convolution; 3,000 steps. Seeds 0-2 on a shared 2-core CPU (39-44 min a
+    run): 66.31 +- 0.68 (65.94, 65.89, 67.10) against the same-discriminator
+    baseline's 65.59 +- 0.68 (66.25, 64.89, 65.63) (configs/supervised.py:
+    dataset=fashion_mnist,labels_per_class=10,model=dcgan_discriminator with
+    3,000 steps of 64 and the Adam above): ahead on the mean, within the
+    spread.
   configs/ssl_gan.py:dataset=cifar10,labels_per_class=400
     the paper's CIFAR-10 setting (4,000 labels): batch 100 labeled + 100
     unlabeled, Adam lr 3e-4 beta1 0.5, 1,200 epochs.
@@ -72,10 +77,7 @@ def get_config(arg=None):
     config.ssl_gan.upsample = 'resize'
 
   if args.dataset == 'fashion_mnist':
-    config.num_steps = 1000
     config.eval_batch_size = 1000
-    config.eval_every = 1000
-    config.checkpoint_every = 1000
 
   if args.dataset == 'cifar10':
     config.num_epochs = 1200.0
