@@ -41,7 +41,6 @@ import json
 import os
 import re
 import sys
-import time
 
 from absl import app, flags, logging
 import numpy as np
@@ -163,6 +162,21 @@ def _duration(seconds: float) -> str:
   return f'{m // 60}:{m % 60:02d}:{s:02d}' if m >= 60 else f'{m}:{s:02d}'
 
 
+def _run_wall(cell: Cell) -> float | None:
+  """A finished cell's whole training time: results.json's `wall_s`, or None.
+
+  `wall_s` adds up every process that trained the run, so a cell resumed
+  from a checkpoint counts in full and cells finished by an earlier sweep
+  count too (the ETA is their mean times the cells left).
+  """
+  path = os.path.join(cell.workdir, 'results.json')
+  try:
+    wall = _read_json(path).get('wall_s')
+  except (OSError, ValueError, AttributeError):
+    return None
+  return float(wall) if isinstance(wall, (int, float)) and wall > 0 else None
+
+
 def run_sweep(specs, overrides, lpcs, seeds, workdir: str, train_fn=None) -> str:
   """Runs every cell not finished yet, then writes and returns the Markdown table.
 
@@ -190,16 +204,16 @@ def run_sweep(specs, overrides, lpcs, seeds, workdir: str, train_fn=None) -> str
     from sslj import train  # pylint: disable=g-import-not-at-top
     train_fn = train.train_and_evaluate
 
-  walls, failure = [], None
+  failure = None
   for i, cell in enumerate(cells, 1):
     name = f'{cell.row}, {_lpc_name(cell.labels_per_class)} labels per class, seed {cell.seed}'
     if cell.finished():
       logging.info('Cell %d/%d (%s): %s.', i, len(cells), name, cell.finished())
       continue
     left = sum(not c.finished() for c in cells[i - 1:])
+    walls = [w for w in map(_run_wall, cells) if w is not None]
     eta = f', ETA {_duration(np.mean(walls) * left)} ({left} to run)' if walls else ''
     logging.info('Cell %d/%d (%s) -> %s%s', i, len(cells), name, cell.workdir, eta)
-    started = time.perf_counter()
     try:
       results = train_fn(cell.config, cell.workdir)
     except UserError as e:
@@ -216,7 +230,6 @@ def run_sweep(specs, overrides, lpcs, seeds, workdir: str, train_fn=None) -> str
       logging.warning('Stopped on SIGTERM in cell %d/%d; run the same command to resume.',
                       i, len(cells))
       break
-    walls.append(time.perf_counter() - started)
     # Every cell jits fresh closures: drop the old executables so a long sweep
     # does not keep a set per cell.
     jax.clear_caches()

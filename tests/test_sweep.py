@@ -143,6 +143,31 @@ def test_finished_cells_are_skipped_and_configs_carry_the_cell(tmp_path):
   assert train.calls == []
 
 
+def test_eta_is_the_mean_recorded_training_time_of_finished_cells(tmp_path, caplog):
+  """Cells finished earlier (or resumed) count with their whole recorded wall_s."""
+  caplog.set_level('INFO')
+  done = _write_result(tmp_path, 'supervised', 2, 0, 11.0, 22.0)
+  with open(os.path.join(done, 'results.json')) as f:
+    recorded = dict(json.load(f), wall_s=600.0)
+  with open(os.path.join(done, 'results.json'), 'w') as f:
+    json.dump(recorded, f)
+
+  def train(config, workdir):
+    run_files.claim_workdir(workdir, config)
+    result = {'top1': 50.0, 'top5': 90.0, 'wall_s': 60.0}
+    run_files.write_results(workdir, result)
+    return result
+
+  sweep.run_sweep([SUPERVISED], ['--config.num_steps=7'], [2], [0, 1, 2], str(tmp_path),
+                  train_fn=train)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Cell ')]
+  # Seed 0 is done (600 s): 2 x 600 s left; seed 1 then runs in 60 s: seed 2's ETA is
+  # their mean.
+  assert lines[0].startswith('Cell 1/3') and 'skipped' in lines[0]
+  assert lines[1].startswith('Cell 2/3') and 'ETA 20:00 (2 to run)' in lines[1]
+  assert lines[2].startswith('Cell 3/3') and 'ETA 5:30 (1 to run)' in lines[2]
+
+
 def test_a_changed_config_is_refused_before_anything_runs(tmp_path):
   train = _Recorder()
   train.root = str(tmp_path)
