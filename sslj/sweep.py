@@ -204,6 +204,8 @@ def run_sweep(specs, overrides, lpcs, seeds, workdir: str, train_fn=None) -> str
     from sslj import train  # pylint: disable=g-import-not-at-top
     train_fn = train.train_and_evaluate
 
+  # Recorded training times of finished cells, read once per cell.
+  walls = [w for w in map(_run_wall, cells) if w is not None]
   failure = None
   for i, cell in enumerate(cells, 1):
     name = f'{cell.row}, {_lpc_name(cell.labels_per_class)} labels per class, seed {cell.seed}'
@@ -211,7 +213,6 @@ def run_sweep(specs, overrides, lpcs, seeds, workdir: str, train_fn=None) -> str
       logging.info('Cell %d/%d (%s): %s.', i, len(cells), name, cell.finished())
       continue
     left = sum(not c.finished() for c in cells[i - 1:])
-    walls = [w for w in map(_run_wall, cells) if w is not None]
     eta = f', ETA {_duration(np.mean(walls) * left)} ({left} to run)' if walls else ''
     logging.info('Cell %d/%d (%s) -> %s%s', i, len(cells), name, cell.workdir, eta)
     try:
@@ -230,6 +231,9 @@ def run_sweep(specs, overrides, lpcs, seeds, workdir: str, train_fn=None) -> str
       logging.warning('Stopped on SIGTERM in cell %d/%d; run the same command to resume.',
                       i, len(cells))
       break
+    wall = _run_wall(cell)
+    if wall is not None:
+      walls.append(wall)
     # Every cell jits fresh closures: drop the old executables so a long sweep
     # does not keep a set per cell.
     jax.clear_caches()

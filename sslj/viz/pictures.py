@@ -72,14 +72,13 @@ def conv_kernels(params, in_channels: int) -> list[tuple[tuple[str, ...], np.nda
 def neighbour_correlation(tiles: np.ndarray) -> np.ndarray:
   """How smooth each filter is: one number per filter in [-1, 1].
 
-  `tiles` is [filters, kh, kw, channels]. For each filter, the correlation
-  between horizontally adjacent taps and between vertically adjacent taps
-  (pooled over channels, after removing the filter's mean); the larger of
-  the two, so bars and edges in either direction count. Filters that are
-  noise score near 0, edges, bars and blobs well above.
+  `tiles` is [filters, kh, kw, channels]. For each filter, the (Pearson)
+  correlation between horizontally adjacent taps and between vertically
+  adjacent taps, pooled over channels; the larger of the two, so bars and
+  edges in either direction count. Filters that are noise score near 0,
+  edges, bars and blobs well above; a constant filter scores 0.
   """
   x = np.asarray(tiles, np.float64)
-  x = x - x.mean(axis=(1, 2, 3), keepdims=True)
 
   def corr(a, b):
     a = a.reshape(len(x), -1)
