@@ -8,11 +8,17 @@ labeled images, the other 1,297 training images unlabeled) for 3,000 steps;
 the teacher should end above the supervised baseline trained on the same 50
 labels (configs/supervised.py:labels_per_class=5).
 
+The digits and Fashion-MNIST presets keep the learning rate constant. The
+teacher is an average of the student's recent weights; with a learning rate
+annealed to (nearly) zero the student stops moving, the average of a still
+student is that student, and the two end level. At a constant rate the
+student keeps moving and the teacher ends ahead of it (the README has the
+measured figures).
+
 Presets (config string):
   configs/mean_teacher.py:dataset=fashion_mnist,labels_per_class=10
     4,000 steps of 16 labeled + 48 unlabeled images, consistency ramp-up
-    over one epoch, EMA 0.99 during it and 0.999 after (as the paper), and a
-    learning rate that decays to 0.2 of its peak rather than to zero.
+    over one epoch, EMA 0.99 during it and 0.999 after (as the paper).
   configs/mean_teacher.py:dataset=stl10,labels_per_class=64,model=resnet152
     the report's recipe: SGD Nesterov 0.9, lr 0.02, weight decay 1e-4, cosine
     annealing, EMA 0.999, KL consistency, logit distance 0.01, 90 epochs.
@@ -35,7 +41,7 @@ def get_config(arg=None):
   config.log_every = 100
   config.eval_every = 500
   config.checkpoint_every = 500
-  config.optimizer.learning_rate = 0.05
+  config.optimizer.update(learning_rate=0.05, schedule='constant')
 
   config.mean_teacher = dict(
       labeled_batch_size=32,     # the rest of batch_size is unlabeled
@@ -59,11 +65,8 @@ def get_config(arg=None):
     config.eval_every = 500
     config.checkpoint_every = 1000
     config.mean_teacher.rampup_epochs = 1.0
-    # As the paper: EMA 0.99 during the ramp-up, 0.999 after; the learning
-    # rate decays to 0.2 of its peak (cos(7 pi / 16)), not to zero, so the
-    # teacher still averages a moving student at the end.
+    # As the paper: EMA 0.99 during the ramp-up, 0.999 after.
     config.mean_teacher.update(ema_decay=0.999, ema_decay_rampup=0.99)
-    config.optimizer.schedule = 'fixmatch_cosine'
 
   if args.dataset == 'stl10' or args.dataset.startswith('image_folder'):
     # The report's recipe.
@@ -83,7 +86,8 @@ def get_config(arg=None):
     config.num_epochs = 180.0
     config.batch_size = 100
     config.mean_teacher.labeled_batch_size = 50
-    config.optimizer.update(learning_rate=0.05, weight_decay=2e-4, nesterov=True)
+    config.optimizer.update(learning_rate=0.05, weight_decay=2e-4, nesterov=True,
+                            schedule='cosine')
     budget = args.labels_per_class
     config.mean_teacher.update(
         ema_decay=0.97 if budget is None or budget >= 400 else 0.99,
