@@ -9,10 +9,11 @@ forward under `no_grad` in training mode (its own BatchNorm statistics),
 the student's forward and backward with two heads, cross-entropy on the
 labeled part, the softmax-MSE (or KL) consistency cost with its sigmoid
 ramp-up, the logit distance between the heads, SGD with Nesterov momentum,
-L2 weight decay and the cosine learning rate, and the EMA of the parameters
-into the teacher (decay min(1 - 1/(t + 1), ema_decay)). Same network
-(`benchmarks.torch_models`, same parameter count), same batch, same input
-size. Variants: eager, `torch.compile` (forward + loss + augmentation in one
+L2 weight decay and the config's learning-rate schedule, and the EMA of the
+parameters into the teacher (decay min(1 - 1/(t + 1), ema_decay), with
+ema_decay_rampup during the consistency ramp-up when the config sets it).
+Same network (`benchmarks.torch_models`, same parameter count), same batch,
+same input size. Variants: eager, `torch.compile` (forward + loss + augmentation in one
 graph, optimizer step + EMA in another), and `torch.compile` with bf16
 autocast; all channels_last. `tests/test_benchmarks.py` checks on a fixed
 batch with copied weights that both give the same losses and the same
@@ -76,11 +77,14 @@ class Settings:
   steps_per_epoch: int
   num_steps: int
   ema_decay: float
+  ema_decay_rampup: float | None
+  ema_rampup_steps: int
   consistency: str
   consistency_weight: float
   rampup_epochs: float
   logit_distance_cost: float
   lr: float
+  schedule: str
   momentum: float
   nesterov: bool
   weight_decay: float
@@ -94,25 +98,44 @@ class Settings:
   @classmethod
   def from_config(cls, config, data) -> Settings:
     mt, opt, aug = config.mean_teacher, config.optimizer, config.augment
-    if opt.name != 'sgd' or opt.schedule != 'cosine' or opt.warmup_steps:
-      raise ValueError('the PyTorch step implements SGD with a cosine schedule, no warm-up')
+    if opt.name != 'sgd' or opt.schedule not in SCHEDULES or opt.warmup_steps:
+      raise ValueError('the PyTorch step implements SGD with the schedules '
+                       f'{sorted(SCHEDULES)}, no warm-up')
     spec = augment.AugmentSpec.from_config(aug)
     rest = dataclasses.replace(spec, flip=False, pad_crop=0, rotate_deg=0.0, noise_std=0.0)
     if rest != augment.AugmentSpec():
       raise ValueError('the PyTorch step implements the augmentations flip, pad_crop, '
                        f'rotate_deg and noise_std only; got {spec}')
     labeled, unlabeled = mean_teacher.batch_split(config)
+    steps_per_epoch = mean_teacher.steps_per_epoch(config, data)
     return cls(
         model=config.model.name, shape=tuple(data.labeled_images.shape[1:]),
         num_classes=data.num_classes, labeled=labeled, unlabeled=unlabeled,
-        steps_per_epoch=mean_teacher.steps_per_epoch(config, data),
+        steps_per_epoch=steps_per_epoch,
         num_steps=train.num_steps_for(config, mean_teacher, data), ema_decay=mt.ema_decay,
+        ema_decay_rampup=mt.ema_decay_rampup,
+        ema_rampup_steps=int(round(mt.rampup_epochs * steps_per_epoch)),
         consistency=mt.consistency, consistency_weight=mt.consistency_weight,
         rampup_epochs=mt.rampup_epochs, logit_distance_cost=mt.logit_distance_cost,
-        lr=opt.learning_rate, momentum=opt.momentum, nesterov=opt.nesterov,
+        lr=opt.learning_rate, schedule=opt.schedule, momentum=opt.momentum, nesterov=opt.nesterov,
         weight_decay=opt.weight_decay, flip=aug.flip, pad_crop=aug.pad_crop,
         rotate_deg=aug.rotate_deg, noise_std=aug.noise_std,
         mean=tuple(float(v) for v in data.mean), std=tuple(float(v) for v in data.std))
+
+
+# sslj's schedules (sslj.ops.optim, no warm-up) as fractions of the peak at
+# fraction k of the run.
+SCHEDULES = {
+    'cosine': lambda k: 0.5 * (1 + math.cos(math.pi * k)),
+    'fixmatch_cosine': lambda k: math.cos(7 * math.pi * k / 16),
+    'constant': lambda k: 1.0,
+}
+
+
+def learning_rate(s: Settings, step: int) -> float:
+  """The learning rate of the step about to be taken (step counted from 0)."""
+  k = min(step, s.num_steps) / max(s.num_steps, 1)
+  return s.lr * SCHEDULES[s.schedule](k)
 
 
 def _fold_symmetric(index, n: int):
@@ -223,7 +246,11 @@ class TorchMeanTeacher:
     self.opt.step()
     with torch.no_grad():  # the teacher must not join the student's autograd graph
       self.ema_count += 1
-      decay = torch.clamp(1 - 1 / (self.ema_count + 1), max=self.s.ema_decay)
+      cap = self.s.ema_decay
+      if self.s.ema_decay_rampup is not None and self.s.ema_rampup_steps > 0:
+        cap = torch.where(self.ema_count <= self.s.ema_rampup_steps,
+                          self.s.ema_decay_rampup, self.s.ema_decay)
+      decay = torch.minimum(1 - 1 / (self.ema_count + 1), torch.as_tensor(cap))
       torch._foreach_lerp_(list(self.teacher.parameters()), list(self.student.parameters()),
                            1 - decay)
 
@@ -234,9 +261,7 @@ class TorchMeanTeacher:
         s.rampup_epochs) else 1.0
     weight = torch.tensor(s.consistency_weight * math.exp(-5 * (1 - t) ** 2),
                           device=self.device)
-    # optax's cosine decay to zero, at the step about to be taken.
-    k = min(self.step_count, s.num_steps) / max(s.num_steps, 1)
-    self.lr.fill_(s.lr * 0.5 * (1 + math.cos(math.pi * k)))
+    self.lr.fill_(learning_rate(s, self.step_count))
     loss, class_loss, cons_loss, res_loss = self._loss(images, labels, weight, augment)
     self.opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -6,6 +6,7 @@ The PyTorch tests are skipped when torch is not installed
 (`pip install -e '.[bench]'`).
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -129,6 +130,44 @@ def test_torch_mean_teacher_step_matches_sslj():
     for (name, got), want in zip(module.named_parameters(), expected.parameters()):
       np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), rtol=1e-4,
                                  atol=1e-6, err_msg=name)
+
+
+@needs_torch
+@pytest.mark.parametrize('arg,schedule', [
+    ('', 'constant'), ('', 'cosine'), ('dataset=fashion_mnist,labels_per_class=10', 'fixmatch_cosine')])
+def test_torch_twin_follows_the_config_schedule_and_teacher_decay(arg, schedule):
+  """The twin's learning rate is sslj's at every step; its EMA cap switches with sslj's."""
+  from benchmarks import common
+  from benchmarks import torch_mean_teacher as tmt
+  from sslj.ops import ema, optim
+  config = common.load_config(f'configs/mean_teacher.py:{arg}'.rstrip(':'),
+                              {'optimizer.schedule': schedule, 'num_steps': 40})
+  data = common.synthetic_data((8, 8, 1))
+  s = tmt.Settings.from_config(config, data)
+  expected = optim.learning_rate(config.optimizer, s.num_steps)
+  for step in (0, 1, 13, 39, 40):
+    np.testing.assert_allclose(tmt.learning_rate(s, step), float(expected(step)),
+                               rtol=1e-6, atol=1e-6 * s.lr)  # optax: float32
+  # The teacher averages a student that jumped from 0 to 1: after n updates
+  # it holds 1 - prod(d_t), which tells the decays d_t apart. 150 ramp-up
+  # updates: the warm-up 1 - 1/(t + 1) passes 0.99 at t = 99, so the
+  # ramp-up's 0.99 cap binds for 50 of them.
+  s = dataclasses.replace(s, ema_rampup_steps=150)
+  twin = tmt.TorchMeanTeacher(s, data.labeled_images, data.labeled_labels,
+                              data.unlabeled_images)
+  with torch.no_grad():
+    for p in twin.teacher.parameters():
+      p.zero_()
+    for p in twin.student.parameters():
+      p.fill_(1.0)
+  average = ema.parameter_ema(s.ema_decay, s.ema_decay_rampup, s.ema_rampup_steps)
+  state = average.init({'w': np.zeros((), np.float32)})
+  for _ in range(160):
+    twin._apply_updates()  # no gradients: SGD leaves the student, the EMA runs
+    _, state = average.update({'w': np.ones((), np.float32)}, state)
+  np.testing.assert_allclose(float(next(twin.teacher.parameters()).flatten()[0]),
+                             float(state.average['w']), rtol=1e-5)
+  assert s.schedule == schedule and (s.ema_decay_rampup is None) == (arg == '')
 
 
 @needs_torch
