@@ -13,9 +13,9 @@ L2 weight decay and the config's learning-rate schedule, and the EMA of the
 parameters into the teacher (decay min(1 - 1/(t + 1), ema_decay), with
 ema_decay_rampup during the consistency ramp-up when the config sets it).
 Same network (`benchmarks.torch_models`, same parameter count), same batch,
-same input size. Variants: eager, `torch.compile` (forward + loss + augmentation in one
-graph, optimizer step + EMA in another), and `torch.compile` with bf16
-autocast; all channels_last. `tests/test_benchmarks.py` checks on a fixed
+same input size. Variants: eager, `torch.compile` (forward + loss +
+augmentation in one graph, optimizer step + EMA in another), and
+`torch.compile` with bf16 autocast; all channels_last. `tests/test_benchmarks.py` checks on a fixed
 batch with copied weights that both give the same losses and the same
 parameters after one step.
 
@@ -117,9 +117,9 @@ class Settings:
         ema_rampup_steps=int(round(mt.rampup_epochs * steps_per_epoch)),
         consistency=mt.consistency, consistency_weight=mt.consistency_weight,
         rampup_epochs=mt.rampup_epochs, logit_distance_cost=mt.logit_distance_cost,
-        lr=opt.learning_rate, schedule=opt.schedule, momentum=opt.momentum, nesterov=opt.nesterov,
-        weight_decay=opt.weight_decay, flip=aug.flip, pad_crop=aug.pad_crop,
-        rotate_deg=aug.rotate_deg, noise_std=aug.noise_std,
+        lr=opt.learning_rate, schedule=opt.schedule, momentum=opt.momentum,
+        nesterov=opt.nesterov, weight_decay=opt.weight_decay, flip=aug.flip,
+        pad_crop=aug.pad_crop, rotate_deg=aug.rotate_deg, noise_std=aug.noise_std,
         mean=tuple(float(v) for v in data.mean), std=tuple(float(v) for v in data.std))
 
 
