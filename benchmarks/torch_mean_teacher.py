@@ -56,6 +56,7 @@ from benchmarks import common, torch_models
 from sslj import train
 from sslj.data import augment
 from sslj.methods import mean_teacher
+from sslj.ops import optim
 
 CASES = {
     'digits': ('configs/mean_teacher.py', (8, 8, 1), {}),
@@ -85,6 +86,8 @@ class Settings:
   logit_distance_cost: float
   lr: float
   schedule: str
+  # sslj's own schedule (sslj.ops.optim) evaluated once at steps 0..num_steps.
+  lr_table: np.ndarray = dataclasses.field(compare=False, repr=False)
   momentum: float
   nesterov: bool
   weight_decay: float
@@ -98,9 +101,8 @@ class Settings:
   @classmethod
   def from_config(cls, config, data) -> Settings:
     mt, opt, aug = config.mean_teacher, config.optimizer, config.augment
-    if opt.name != 'sgd' or opt.schedule not in SCHEDULES or opt.warmup_steps:
-      raise ValueError('the PyTorch step implements SGD with the schedules '
-                       f'{sorted(SCHEDULES)}, no warm-up')
+    if opt.name != 'sgd':
+      raise ValueError('the PyTorch step implements SGD only')
     spec = augment.AugmentSpec.from_config(aug)
     rest = dataclasses.replace(spec, flip=False, pad_crop=0, rotate_deg=0.0, noise_std=0.0)
     if rest != augment.AugmentSpec():
@@ -108,34 +110,27 @@ class Settings:
                        f'rotate_deg and noise_std only; got {spec}')
     labeled, unlabeled = mean_teacher.batch_split(config)
     steps_per_epoch = mean_teacher.steps_per_epoch(config, data)
+    num_steps = train.num_steps_for(config, mean_teacher, data)
+    steps = np.arange(num_steps + 1)  # a constant schedule returns one number
+    lr_table = np.broadcast_to(optim.learning_rate(opt, num_steps)(steps), steps.shape)
     return cls(
         model=config.model.name, shape=tuple(data.labeled_images.shape[1:]),
         num_classes=data.num_classes, labeled=labeled, unlabeled=unlabeled,
         steps_per_epoch=steps_per_epoch,
-        num_steps=train.num_steps_for(config, mean_teacher, data), ema_decay=mt.ema_decay,
+        num_steps=num_steps, ema_decay=mt.ema_decay,
         ema_decay_rampup=mt.ema_decay_rampup,
         ema_rampup_steps=int(round(mt.rampup_epochs * steps_per_epoch)),
         consistency=mt.consistency, consistency_weight=mt.consistency_weight,
         rampup_epochs=mt.rampup_epochs, logit_distance_cost=mt.logit_distance_cost,
-        lr=opt.learning_rate, schedule=opt.schedule, momentum=opt.momentum,
+        lr=opt.learning_rate, schedule=opt.schedule, lr_table=lr_table, momentum=opt.momentum,
         nesterov=opt.nesterov, weight_decay=opt.weight_decay, flip=aug.flip,
         pad_crop=aug.pad_crop, rotate_deg=aug.rotate_deg, noise_std=aug.noise_std,
         mean=tuple(float(v) for v in data.mean), std=tuple(float(v) for v in data.std))
 
 
-# sslj's schedules (sslj.ops.optim, no warm-up) as fractions of the peak at
-# fraction k of the run.
-SCHEDULES = {
-    'cosine': lambda k: 0.5 * (1 + math.cos(math.pi * k)),
-    'fixmatch_cosine': lambda k: math.cos(7 * math.pi * k / 16),
-    'constant': lambda k: 1.0,
-}
-
-
 def learning_rate(s: Settings, step: int) -> float:
   """The learning rate of the step about to be taken (step counted from 0)."""
-  k = min(step, s.num_steps) / max(s.num_steps, 1)
-  return s.lr * SCHEDULES[s.schedule](k)
+  return float(s.lr_table[min(step, s.num_steps)])
 
 
 def _fold_symmetric(index, n: int):
