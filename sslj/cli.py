@@ -93,6 +93,55 @@ def exit_now(status: int) -> None:
   os._exit(status)
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+def overridden_fields(argv=None) -> set:
+  """Dotted config fields given on the command line as `--config.NAME=VALUE`."""
+  names = set()
+  for arg in sys.argv if argv is None else argv:
+    if arg.startswith('--config.'):
+      names.add(arg[len('--config.'):].partition('=')[0])
+  return names
+
+
+def _finished_line(results: dict, workdir: str) -> str:
+  return (f"{results['method']} on {results['dataset']}: top-1 {results['top1']:.2f}%, "
+          f"top-5 {results['top5']:.2f}% in {results['wall_s']:.0f} s "
+          f"({os.path.join(workdir, 'results.json')})")
+
+
+def _train(config, workdir: str) -> None:
+  """Checks everything cheap, then trains under the workdir's lock.
+
+  Nothing is prepared, compiled or written before the config's ranges, the
+  recorded config and the workdir's writability have been checked.
+  """
+  import jax
+  from sslj import preflight, run_files, train, workdir_lock
+  preflight.check_config(config)
+  preflight.ignored_overrides(config, overridden_fields())
+  path = os.path.abspath(workdir)
+  if os.path.isdir(path):
+    run_files.check_recorded(path, config)
+    finished = run_files.finished_results(path)
+    if finished is not None:
+      print(f'{path} holds a finished run; nothing to do (move results.json away to evaluate '
+            f'again): {_finished_line(finished, workdir)}')
+      return
+  preflight.check_workdir(path, jax.process_count())
+  stopped = False
+  with workdir_lock.held(path, enabled=jax.process_index() == 0):
+    logging.info('Training %s on %s in %s.', config.method, config.data.name, path)
+    results = train.train_and_evaluate(config, path)
+    stopped = results is None
+  if stopped:
+    print('Stopped early on SIGTERM after saving a checkpoint; run the same command to resume.',
+          file=sys.stderr)
+    exit_now(0)
+  print(_finished_line(results, workdir))
+
+
 def run(*, config, workdir, mode, coordinator_address=None, num_processes=None,
         process_id=None, **use_flags) -> int:
   if mode == 'train' and (config is None or not workdir):
@@ -101,18 +150,10 @@ def run(*, config, workdir, mode, coordinator_address=None, num_processes=None,
     fail(f'--mode={mode} needs --workdir=DIR, the directory of a trained run.')
   log_sslj_info()
   try:
-    from sslj import parallel, train
+    from sslj import parallel
     parallel.initialize_distributed(coordinator_address, num_processes, process_id)
     if mode == 'train':
-      results = train.train_and_evaluate(config, os.path.abspath(workdir))
-      if results is None:
-        print('Stopped early on SIGTERM after saving a checkpoint; run the same command to resume.',
-              file=sys.stderr)
-        exit_now(0)
-      else:
-        print(f"{results['method']} on {results['dataset']}: top-1 {results['top1']:.2f}%, "
-              f"top-5 {results['top5']:.2f}% in {results['wall_s']:.0f} s "
-              f"({os.path.join(workdir, 'results.json')})")
+      _train(config, workdir)
     elif mode == 'viz':  # pictures of a run (sslj/viz)
       from sslj import viz
       print(viz.run_command(os.path.abspath(workdir), config=config, **use_flags))
@@ -122,6 +163,12 @@ def run(*, config, workdir, mode, coordinator_address=None, num_processes=None,
     return 0
   except UserError as e:
     fail(str(e))
+  except KeyboardInterrupt as e:
+    # Ctrl-C: after a checkpoint (train.Interrupted says so), or at once.
+    message = str(e) or ('Interrupted (Ctrl-C); checkpoints saved before are kept, so running '
+                         'the same command resumes from the last one.')
+    print(message, file=sys.stderr)
+    exit_now(EXIT_INTERRUPTED)
   except OSError as e:  # A full disk while writing metrics, events or results.
     from sslj import checkpoint
     reason = checkpoint.disk_full_reason(e)

@@ -15,6 +15,8 @@ from absl import logging
 import jax
 import numpy as np
 
+from sslj.errors import UserError
+
 
 def _scalar(value):
   value = np.asarray(value).item()
@@ -29,7 +31,9 @@ class Logbook:
     self.total_steps = total_steps
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
-    self._clock = (time.perf_counter(), resume_step)
+    # The rate and ETA count from the end of the first step, so the compile
+    # (often most of a short run's first minute) does not inflate them.
+    self._clock = None
     if not self.enabled:
       return
     self._truncate_after(resume_step)
@@ -37,11 +41,23 @@ class Logbook:
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def _truncate_after(self, step: int):
+    """Drops lines past `step`, and a half-written last line (a power cut's)."""
     if not os.path.exists(self.path):
       return
     with open(self.path) as f:
       lines = [l for l in f if l.strip()]
-    keep = [l for l in lines if json.loads(l).get('step', 0) <= step]
+    records = []
+    for number, line in enumerate(lines, 1):
+      try:
+        records.append(json.loads(line))
+      except ValueError:
+        if number < len(lines):
+          raise UserError(f'{self.path} is damaged at line {number} (not JSON); restore it '
+                          'from a copy, or move the workdir away to start from scratch.') from None
+        logging.warning('The last line of %s was half-written (the run was cut off while '
+                        'writing it); dropped it.', self.path)
+        records.append(None)
+    keep = [l for l, r in zip(lines, records) if r is not None and r.get('step', 0) <= step]
     if len(keep) != len(lines):
       tmp = self.path + '.tmp'
       with open(tmp, 'w') as f:
@@ -59,12 +75,18 @@ class Logbook:
         self._tb.add_scalar(key, value, step)
     self._tb.flush()
 
+  def first_step_done(self, step: int):
+    """Starts the clock the rate and ETA are measured from."""
+    self._clock = (time.perf_counter(), step)
+
   def progress(self, step: int, scalars: dict) -> dict:
     """Logs `step N/T | metrics | steps/s | ETA` and returns the rate figures."""
     now = time.perf_counter()
+    if self._clock is None:
+      self._clock = (now, step)
     then, then_step = self._clock
     self._clock = (now, step)
-    rate = (step - then_step) / max(now - then, 1e-9)
+    rate = (step - then_step) / max(now - then, 1e-9) if step > then_step else 0.0
     eta = (self.total_steps - step) / rate if rate > 0 else float('inf')
     shown = ' '.join(f'{k} {_fmt(v)}' for k, v in scalars.items())
     logging.info('step %d/%d | %s | %.1f steps/s | ETA %s', step, self.total_steps,

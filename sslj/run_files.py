@@ -39,8 +39,13 @@ def atomic_write_json(path: str, value) -> None:
 
 
 def _read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+  """The JSON in `path`; a damaged file is one UserError that names it."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise UserError(f'{path} is damaged (not readable JSON: {e}); restore it from a copy, or '
+                    'move the workdir away to start the run from scratch.') from None
 
 
 def _flatten(tree, prefix=''):
@@ -54,30 +59,59 @@ def _flatten(tree, prefix=''):
   return flat
 
 
-def claim_workdir(workdir: str, config) -> None:
-  """Records the run's config in `workdir`, or checks it matches on resume.
+def check_recorded(workdir: str, config) -> None:
+  """Refuses a workdir whose recorded config differs from `config`; writes nothing.
 
   A workdir holding a run of a different config is refused rather than mixed
   with it: resuming there would continue someone else's training.
+
+  Raises:
+    UserError: the recorded config differs (the first fields named), or
+      config.json is damaged.
   """
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    return
+  recorded = _read_json(path)
+  if not isinstance(recorded, dict):
+    raise UserError(f'{path} is damaged (not a JSON object); restore it from a copy, or move '
+                    'the workdir away to start the run from scratch.')
   current = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    recorded = _read_json(path)
-    a, b = _flatten(recorded), _flatten(current)
-    differ = sorted(k for k in set(a) | set(b)
-                    if k not in _RUN_CONTROL and a.get(k) != b.get(k))
-    if differ:
-      shown = '; '.join(f'{k}: {_short(a.get(k))} there, {_short(b.get(k))} now'
-                        for k in differ[:_KEYS_SHOWN])
-      more = differ[_KEYS_SHOWN:]
-      if more:
-        shown += f'; also {", ".join(more)}'
-      raise UserError(f'{workdir} holds a run with a different config ({shown}); use a new '
-                      '--workdir or the same config.')
-  elif jax.process_index() == 0:
-    atomic_write_json(path, current)
+  a, b = _flatten(recorded), _flatten(current)
+  differ = sorted(k for k in set(a) | set(b)
+                  if k not in _RUN_CONTROL and a.get(k) != b.get(k))
+  if differ:
+    shown = '; '.join(f'{k}: {_short(a.get(k))} there, {_short(b.get(k))} now'
+                      for k in differ[:_KEYS_SHOWN])
+    more = differ[_KEYS_SHOWN:]
+    if more:
+      shown += f'; also {", ".join(more)}'
+    raise UserError(f'{workdir} holds a run with a different config ({shown}); use a new '
+                    '--workdir or the same config.')
+
+
+def finished_results(workdir: str) -> dict | None:
+  """results.json of a finished run of this workdir's recorded config, else None.
+
+  Only a workdir with both config.json and results.json holds a finished run.
+  """
+  path = os.path.join(workdir, 'results.json')
+  if not (os.path.isfile(path) and os.path.isfile(os.path.join(workdir, 'config.json'))):
+    return None
+  results = _read_json(path)
+  if not isinstance(results, dict) or 'top1' not in results:
+    raise UserError(f'{path} is damaged (it has no "top1"); move it away to evaluate the run '
+                    'again.')
+  return results
+
+
+def claim_workdir(workdir: str, config) -> None:
+  """Records the run's config in `workdir`, or checks it matches on resume."""
+  os.makedirs(workdir, exist_ok=True)
+  check_recorded(workdir, config)
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path) and jax.process_index() == 0:
+    atomic_write_json(path, json.loads(config.to_json_best_effort()))
 
 
 def record_wall_time(workdir: str, step: int, wall_s: float) -> None:
@@ -95,13 +129,16 @@ def wall_time_at(workdir: str, step: int) -> float:
 
 
 def logged_eval(workdir: str, step: int) -> bool:
-  """Whether `metrics.jsonl` holds an evaluation at `step`."""
+  """Whether `metrics.jsonl` holds an evaluation at `step` (damaged lines skipped)."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return False
   with open(path) as f:
     for line in f:
-      record = json.loads(line) if line.strip() else {}
+      try:
+        record = json.loads(line) if line.strip() else {}
+      except ValueError:
+        continue
       if record.get('step') == step and any(k.startswith('eval/') for k in record):
         return True
   return False

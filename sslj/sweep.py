@@ -45,7 +45,7 @@ import sys
 from absl import app, flags, logging
 import numpy as np
 
-from sslj import cli
+from sslj import cli, preflight
 from sslj.errors import UserError
 
 
@@ -197,12 +197,25 @@ def run_sweep(specs, overrides, lpcs, seeds, workdir: str, train_fn=None) -> str
   for cell in cells:
     if cell.finished() and os.path.exists(os.path.join(cell.workdir, 'config.json')):
       run_files.claim_workdir(cell.workdir, cell.config)  # refuses a changed config
-  manifest = os.path.join(workdir, 'sweep.json')
-  listed = _read_json(manifest)['rows'] if os.path.exists(manifest) else []
-  _write_json(manifest, {'rows': listed + [row for row in rows if row not in listed]})
+  for cell in cells:
+    if not cell.finished():
+      preflight.check_config(cell.config)
   if train_fn is None:
     from sslj import train  # pylint: disable=g-import-not-at-top
     train_fn = train.train_and_evaluate
+    # Every cell that will run is checked (data read, method built) before
+    # the first trains: an impossible cell is refused now, not hours in.
+    for cell in cells:
+      if cell.finished() or _too_many_labels(cell.config) is not None:
+        continue  # the loop below marks a label count the data cannot give n/a
+      try:
+        train.check(cell.config)
+      except UserError as e:
+        raise UserError(f'{cell.row}, {_lpc_name(cell.labels_per_class)} labels per class, '
+                        f'seed {cell.seed}: {e} (nothing was trained)') from None
+  manifest = os.path.join(workdir, 'sweep.json')
+  listed = _read_json(manifest)['rows'] if os.path.exists(manifest) else []
+  _write_json(manifest, {'rows': listed + [row for row in rows if row not in listed]})
 
   # Recorded training times of finished cells, read once per cell.
   walls = [w for w in map(_run_wall, cells) if w is not None]
@@ -365,6 +378,9 @@ def main(argv, specs=(), overrides=()):
     print(f'Tables: {os.path.join(workdir, "table.md")}, {os.path.join(workdir, "table.csv")}')
   except UserError as e:
     cli.fail(str(e))
+  except KeyboardInterrupt as e:  # as in launch.py: the finished cells and checkpoints stay
+    print(str(e) or 'Interrupted (Ctrl-C); run the same command to resume.', file=sys.stderr)
+    cli.exit_now(cli.EXIT_INTERRUPTED)
   return 0
 
 

@@ -150,6 +150,33 @@ def extra_eval_steps(config) -> frozenset:
   return steps
 
 
+def _check_batches(config, method) -> None:
+  for what, size in (('batch_size', method.labeled_batch + method.unlabeled_batch),
+                     ('labeled batch', method.labeled_batch),
+                     ('unlabeled batch', method.unlabeled_batch),
+                     ('eval_batch_size', config.eval_batch_size)):
+    if size:
+      parallel.check_divisible(size, what)
+
+
+def check(config) -> None:
+  """What `train_and_evaluate` refuses before compiling, without training or writing.
+
+  Reads the data and builds the method (nothing is compiled), so a sweep can
+  refuse an impossible cell before it trains any other.
+
+  Raises:
+    UserError: whatever `train_and_evaluate` would refuse up front.
+  """
+  module = methods.get(config.method)
+  data = load_data(config)
+  if hasattr(module, 'run_pipeline'):
+    return
+  num_steps = num_steps_for(config, module, data)
+  extra_eval_steps(config)
+  _check_batches(config, module.build(config, data, num_steps))
+
+
 # How many steps the host may dispatch ahead of the device. JAX dispatches
 # asynchronously and the runtime would queue dozens of steps; queued work
 # cannot be cancelled, so on SIGTERM it would all run before the checkpoint
@@ -165,17 +192,27 @@ DISPATCH_AHEAD = 1
 STOP_CHECK_EVERY = 10
 
 
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C stopped the run after it saved a checkpoint; the message says how to resume."""
+
+
+# Signals that stop a run at the next step boundary, with a checkpoint.
+_STOP_SIGNALS = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT (Ctrl-C)'}
+
+
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks at step boundaries.
+  """Turns SIGTERM and SIGINT into a flag the loop checks at step boundaries.
 
   One process reads its own flag at every step. Several processes stop only
   at an agreed step (`should_stop`): a host that stopped alone would leave
-  the others waiting in the next collective.
+  the others waiting in the next collective. A second Ctrl-C is Python's
+  usual KeyboardInterrupt: it stops at once, without the checkpoint.
   """
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal = None
+    self._previous = {}
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() == 1:
@@ -187,18 +224,31 @@ class _Preemption:
 
   def __enter__(self):
     def handler(signum, frame):
-      del signum, frame
+      del frame
+      if self.requested and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # the second Ctrl-C: stop now
       self.requested = True
-      logging.warning('SIGTERM received: saving a checkpoint at the next step boundary.')
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. under a test runner thread)
-      self._previous = None
+      self.signal = self.signal or signum
+      logging.warning('%s received: saving a checkpoint at the next step boundary%s.',
+                      _STOP_SIGNALS[signum],
+                      ' (Ctrl-C again stops at once)' if signum == signal.SIGINT else '')
+    for signum in _STOP_SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, handler)
+      except ValueError:  # not the main thread (e.g. under a test runner thread)
+        pass
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+
+  def stopped(self, step: int):
+    """None after SIGTERM (the caller exits 0); raises Interrupted after Ctrl-C."""
+    if self.signal == signal.SIGINT:
+      raise Interrupted(f'Stopped at step {step} on Ctrl-C after saving a checkpoint; run the '
+                        'same command to resume.')
+    return None
 
 
 def train_and_evaluate(config, workdir: str) -> dict | None:
@@ -206,21 +256,21 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
 
   Returns the results dict, or None when the run stopped early on SIGTERM
   after saving a checkpoint.
+
+  Raises:
+    Interrupted: Ctrl-C stopped the run after saving a checkpoint.
   """
   started = time.perf_counter()
   module = methods.get(config.method)
+  logging.info('Preparing %s (%s labels per class)...', config.data.name,
+               config.data.labels_per_class or 'all')
   data = load_data(config)
   if hasattr(module, 'run_pipeline'):
     return _run_pipeline(module, config, data, workdir, started)
   num_steps = num_steps_for(config, module, data)
   eval_at = extra_eval_steps(config)
   method = module.build(config, data, num_steps)
-  for what, size in (('batch_size', method.labeled_batch + method.unlabeled_batch),
-                     ('labeled batch', method.labeled_batch),
-                     ('unlabeled batch', method.unlabeled_batch),
-                     ('eval_batch_size', config.eval_batch_size)):
-    if size:
-      parallel.check_divisible(size, what)
+  _check_batches(config, method)
   run_files.claim_workdir(workdir, config)
 
   mesh = parallel.make_mesh()
@@ -280,6 +330,7 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
     logging.info('Resuming at step %d of %d.', start_step, num_steps)
     if eval_due(start_step) and not run_files.logged_eval(workdir, start_step):
       run_eval(start_step)  # Skipped when SIGTERM stopped the run here.
+  logging.info('Compiling the training step (the first step takes longest)...')
   in_flight = collections.deque()
   with _Preemption() as preemption:
     for step in range(start_step, num_steps):
@@ -287,6 +338,10 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
         state = method.on_epoch_start(state, step // method.steps_per_epoch)
       state, first_bad, metrics = step_fn(state, first_bad, train_data, base_key)
       in_flight.append(metrics['loss'])
+      if step == start_step:  # compiled and run once: the rate is measured from here
+        metrics['loss'].block_until_ready()
+        book.first_step_done(step + 1)
+        logging.info('Compiled; training %d steps.', num_steps - start_step)
       if len(in_flight) > DISPATCH_AHEAD:
         in_flight.popleft().block_until_ready()
       done = step + 1
@@ -303,10 +358,10 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
       save(done)
       if stop:
         save(done, force=True)
-        logging.warning('Stopped at step %d on SIGTERM; run the same command to resume.', done)
+        logging.warning('Stopped at step %d; run the same command to resume.', done)
         book.close()
         ckpt.close()
-        return None
+        return preemption.stopped(done)
 
   check_finite()
   save(num_steps, force=True)

@@ -51,7 +51,8 @@ def _reported_logits(run, images):
 def test_eval_reproduces_the_accuracies_of_training(run_dir, restored):
   results = _read(os.path.join(run_dir, 'results.json'))
   record = evaluate.evaluate(run_dir)
-  assert record == _read(os.path.join(run_dir, 'eval.json'))
+  assert record.pop('file') == os.path.join(run_dir, f'eval_test_step{NUM_STEPS}.json')
+  assert record == _read(os.path.join(run_dir, f'eval_test_step{NUM_STEPS}.json'))
   assert record['models'] == results['models']  # exactly
   assert (record['method'], record['step'], record['split'], record['dataset']) == (
       'supervised', NUM_STEPS, 'test', 'digits')

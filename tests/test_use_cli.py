@@ -46,12 +46,14 @@ def test_every_mode_on_the_command_line(tmp_path, data_dir):
   results = train.train_and_evaluate(config, str(workdir))
 
   line = _ok(_launch('--mode=eval', f'--workdir={workdir}'))
-  assert 'teacher (reported)' in line and 'eval.json' in line
-  evaluated = json.loads((workdir / 'eval.json').read_text())
+  assert 'teacher (reported)' in line and 'eval_test_step12.json' in line
+  evaluated = json.loads((workdir / 'eval_test_step12.json').read_text())
   assert evaluated['models'] == results['models'] and evaluated['reported_model'] == 'teacher'
 
   _ok(_launch('--mode=probe', f'--workdir={workdir}', '--split=labeled', '--step=6'))
-  probed = json.loads((workdir / 'eval.json').read_text())
+  probed = json.loads((workdir / 'probe_labeled_step6.json').read_text())
+  # Each evaluation has its own file: the probe did not replace the eval.
+  assert json.loads((workdir / 'eval_test_step12.json').read_text()) == evaluated
   assert (probed['step'], probed['split']) == (6, 'labeled')
   assert probed['probes']['num_labeled'] == 50  # 5 labels per class
   for name in ('linear', 'knn'):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 
@@ -113,6 +114,12 @@ def build(config, data, num_steps: int) -> base.Method:
   spec = augment.AugmentSpec.from_config(config.augment)
   preprocess = network.Preprocess(spec, data.mean, data.std)
   tx = optim.make_optimizer(config.optimizer, num_steps)
+  ramp_start = pl.t1 * (epoch_steps if pl.ramp_unit == 'epochs' else 1)
+  if pl.final_weight > 0 and ramp_start >= num_steps:
+    # The unlabeled weight is 0 until t1: the whole run would be supervised.
+    logging.warning('pseudo_label.t1=%g %s starts the unlabeled loss at step %d, after the last '
+                    'step (%d): this run trains on the labels only. Lower pseudo_label.t1 and '
+                    't2, or train longer.', pl.t1, pl.ramp_unit, int(ramp_start), num_steps)
   weight_fn = functools.partial(
       unlabeled_weight, t1=pl.t1, t2=pl.t2, final_weight=pl.final_weight,
       steps_per_unit=float(epoch_steps if pl.ramp_unit == 'epochs' else 1))

@@ -8,7 +8,7 @@
 and in Python `model = sslj.load(FOLDER)`, then `model(images_uint8)`.
 
 Modules: `restore` (a run back in memory), `reported` (the network a method
-reports, per-method hooks), `evaluate` (eval and probe -> eval.json),
+reports, per-method hooks), `evaluate` (eval and probe -> <mode>_<split>_step<N>.json),
 `predict` (image files -> predictions.csv), `export` (export and load),
 `commands` (what launch.py runs). Only `commands` and `restore` read
 datasets; `export.load` needs neither TensorFlow Datasets nor the run.

@@ -1,4 +1,4 @@
-"""`--mode=eval` and `--mode=probe`: score a run's checkpoint, write `DIR/eval.json`.
+"""`--mode=eval` and `--mode=probe`: score a run's checkpoint, write a JSON file of it.
 
 eval: top-1/top-5 of every model of the method (the same compiled counting
 and padded batches as the training loop, so the checkpoint of the last step
@@ -13,7 +13,13 @@ fitted on the labelled images (the run's labelled subset, or the same
 labels_per_class and seed drawn from the other dataset) and tested on the
 split; see `sslj.ops.probes`.
 
-`eval.json` holds one evaluation, the latest one asked for:
+Each evaluation goes to its own file, named by what was evaluated, so one
+never replaces another: `DIR/<mode>_<split>_step<N>.json` (`eval_test_step1500.json`,
+`probe_train_step500.json`), with `_<dataset>` before `.json` for another
+dataset. A workdir that cannot be written (a read-only copy of a run) is
+said up front; the result is then printed and not saved.
+
+Each file holds:
   {"method", "step", "split", "dataset", "reported_model",
    "models": {"<name>": {"top1", "top5"}},
    "probes": {"linear": {"top1", "top5", "C"},          (probe mode only)
@@ -27,15 +33,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 
 from absl import logging
 import jax
 
-from sslj import run_files, train
+from sslj import preflight, run_files, train
 from sslj.ops import probes
 from sslj.use import reported, restore
 
-EVAL_FILE = 'eval.json'
+
+
+def output_name(mode: str, split: str, step: int, dataset: str, run_dataset: str) -> str:
+  """The file an evaluation is written to, named by what it evaluated."""
+  other = '' if dataset == run_dataset else '_' + re.sub(r'[^A-Za-z0-9.-]+', '-', dataset).strip('-')
+  return f'{mode}_{split}_step{step}{other}.json'
 
 
 def model_scores(run: restore.RestoredRun, images, labels) -> dict:
@@ -69,13 +81,19 @@ def probe_scores(run: restore.RestoredRun, evaluated: restore.EvalSet, *,
 
 def evaluate(workdir: str, *, step: int | None = None, split: str = 'test',
              dataset: str | None = None, with_probes: bool = False) -> dict:
-  """Restores `workdir` at `step`, scores it on `split`, writes and returns eval.json.
+  """Restores `workdir` at `step`, scores it on `split`, writes and returns the record.
+
+  The record's `file` is where it was written (None if the workdir is
+  read-only).
 
   Raises:
     UserError: an unknown split, no config.json or checkpoint (of that step),
       a dataset of other classes or channels.
   """
   restore.check_split(split)  # Before any loading.
+  writable = preflight.can_write(workdir) if os.path.isdir(workdir) else True
+  if not writable:
+    logging.warning('%s cannot be written: the evaluation is printed, not saved.', workdir)
   run = restore.restore(workdir, step, need_network=with_probes)
   evaluated = restore.eval_set(run, dataset, split)
   models = model_scores(run, evaluated.images, evaluated.labels)
@@ -90,10 +108,13 @@ def evaluate(workdir: str, *, step: int | None = None, split: str = 'test',
             'models': models}
   if with_probes:
     record['probes'] = probe_scores(run, evaluated)
-  # Private helper of run_files: the same atomic, process-0-only JSON write
-  # as results.json gets.
-  if jax.process_index() == 0:
-    run_files.atomic_write_json(os.path.join(run.workdir, EVAL_FILE), record)
+  record['file'] = None
+  if writable and jax.process_index() == 0:
+    name = output_name('probe' if with_probes else 'eval', split, run.step, evaluated.dataset,
+                       run.config.data.name)
+    record['file'] = os.path.join(run.workdir, name)
+    # The same atomic, process-0-only JSON write as results.json gets.
+    run_files.atomic_write_json(record['file'], {k: v for k, v in record.items() if k != 'file'})
   logging.info('Evaluated step %d on %s/%s.', run.step, evaluated.dataset, split)
   return record
 
@@ -107,5 +128,6 @@ def summary(record: dict, workdir: str) -> str:
     if 'probes' in record:
       s = record['probes'][name]
       parts.append(f"{name} probe top-1 {s['top1']:.2f}% top-5 {s['top5']:.2f}%")
+  saved = record.get('file') or f'not saved: {workdir} cannot be written'
   return (f"{record['method']} step {record['step']} on {record['dataset']}/{record['split']}: "
-          f"{', '.join(parts)} ({os.path.join(workdir, EVAL_FILE)})")
+          f"{', '.join(parts)} ({saved})")

@@ -195,6 +195,13 @@ def eval_set(run: RestoredRun, dataset: str | None, split: str) -> EvalSet:
     if len(arrays.class_names) != data.num_classes:
       raise UserError(f'{dataset} has {len(arrays.class_names)} classes but the run was trained '
                       f'on {data.num_classes}; evaluate on a dataset with the same classes.')
+    ours, theirs = list(run.arrays.class_names), list(arrays.class_names)
+    if ours != theirs:
+      # Same count, other classes: the accuracy would only say how often
+      # class i of one dataset lands on class i of the other.
+      raise UserError(f"{dataset}'s classes ({_few(theirs)}) are not the run's "
+                      f"({config.data.name}: {_few(ours)}); evaluate on a dataset with the "
+                      'same classes in the same order.')
     index = splits.labeled_subset(arrays.train_labels, config.data.labels_per_class, config.seed,
                                   num_classes=data.num_classes)
     labeled = (arrays.train_images[index], arrays.train_labels[index].astype(np.int32))
@@ -205,6 +212,10 @@ def eval_set(run: RestoredRun, dataset: str | None, split: str) -> EvalSet:
     raise UserError(f'the {split} split of {dataset} has no images; pick another --split.')
   return EvalSet(dataset=dataset, split=split, images=images, labels=labels,
                  labeled_images=labeled[0], labeled_labels=labeled[1])
+
+
+def _few(names, shown: int = 3) -> str:
+  return ', '.join(map(str, names[:shown])) + (', ...' if len(names) > shown else '')
 
 
 def check_split(split: str) -> None:
