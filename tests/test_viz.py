@@ -22,7 +22,7 @@ from sslj import cli, run_files, train
 from sslj.errors import UserError
 from sslj.methods import supervised
 from sslj.use import restore
-from sslj.viz import drawing, grids, pictures
+from sslj.viz import context, drawing, grids, pictures
 from sslj.viz.context import Options
 from sslj.viz.page import Picture, Skipped
 
@@ -212,24 +212,43 @@ def test_launch_mode_viz_on_kmeans_centroids(tmp_path, data_dir):
   assert proc.returncode == 0, proc.stderr[-3000:]
   folder = os.path.join(workdir, 'pictures')
   line = proc.stdout.strip().splitlines()[-1]
-  assert line == ('Drew 4 pictures (tsne, centroids, centroids_whitened, augmentations); 5 not '
-                  'applicable (curves, confusion, filters, exemplar_patches, method_pictures): '
-                  f'{folder}/index.html'), line
+  assert line == ('Drew 3 pictures (tsne, centroids, centroids_whitened); 6 not applicable '
+                  '(curves, confusion, filters, augmentations, exemplar_patches, '
+                  f'method_pictures): {folder}/index.html'), line
   side = 4 * 30 + 5 * GAP  # 16 centroids of 5x5 -> 4x4 tiles of 30 px (zoom 6)
   sizes = {'centroids': (side, side), 'centroids_whitened': (side, side),
-           'tsne': (2 * 640 + 150, 700),  # two maps: pixels and the k-means features
-           'augmentations': (786, 394)}
+           'tsne': (2 * 640 + 150, 700)}  # two maps: pixels and the k-means features
   for name, size in sizes.items():
     image = _png(folder, f'{name}.png')
     assert (image.shape[1], image.shape[0]) == size and image.std() > 10, name
   html = open(os.path.join(folder, 'index.html')).read()
   assert set(re.findall(r'<img src="([^"]+)"', html)) == {f'{n}.png' for n in sizes}
   assert 'kmeans_svm is not trained by gradient steps' in html
+  # It trains no network: no picture of an augmentation it never applies.
+  assert 'kmeans_svm trains no network, so it uses no training augmentation' in html
   for i in (0, 7):  # un-whitened: the bars back (to float32 round-off in the saved file)
     shown = _tile(_png(folder, 'centroids.png'), i, 4, (5, 5), 6)[..., 0].astype(int)
     assert np.abs(shown - _expected_tile(patches[i])[..., 0]).max() <= 1
     shown = _tile(_png(folder, 'centroids_whitened.png'), i, 4, (5, 5), 6)[..., 0].astype(int)
     assert np.abs(shown - _expected_tile(whitened[i].reshape(5, 5, 1))[..., 0]).max() <= 1
+
+
+def test_no_confusion_matrix_of_a_head_that_is_not_the_reported_model(sup_run, monkeypatch):
+  """A reported model fitted after training (DeepCluster's, Exemplar-CNN's probe) has no
+  per-image network output: the page says why instead of drawing another head under its name."""
+  import dataclasses
+  from sslj.use import restore
+  real = restore.restore
+
+  def probe_reported(*args, **kwargs):
+    run = real(*args, **kwargs)
+    return dataclasses.replace(run, method=dataclasses.replace(run.method,
+                                                                reported_model='linear_probe'))
+
+  monkeypatch.setattr(restore, 'restore', probe_reported)
+  ctx = context.load(sup_run[0], step=None, out_dir=sup_run[0], options=Options())
+  with pytest.raises(context.Skip, match="reported model \\('linear_probe'\\) is fitted"):
+    drawing.confusion_picture(ctx)
 
 
 def test_a_run_without_a_checkpoint_and_a_failing_picture(sup_run, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import importlib.util
 import os
 
 from absl import logging
+import jax
 import numpy as np
 
 from sslj.errors import UserError
@@ -123,14 +124,21 @@ def confusion_picture(ctx: Context) -> list:
   """Confusion matrix of the reported network on the whole test split."""
   from sslj.viz import curves  # pylint: disable=g-import-not-at-top
   run = ctx.need_run()
-  net = ctx.network()
   data = run.data
+  name = run.method.reported_model
+  predicted = jax.eval_shape(run.method.predict, run.state, data.test_images[:1])
+  if name not in predicted:
+    # The reported model is fitted after training (Method.finalize, e.g. a
+    # linear probe on the features): the network's own head is another
+    # model, and drawing it under the reported name would be wrong.
+    raise Skip(f"the reported model ('{name}') is fitted on the features after training "
+               "and is not the network's output; its accuracy is in results.json")
+  net = ctx.network()
   fn = reported.replicated_outputs(net.logits, run.mesh)
   logits = reported.apply_in_batches(fn, (net.variables,), data.test_images, run.mesh,
                                      ctx.config.eval_batch_size)
   counts = curves.confusion_counts(data.test_labels, logits.argmax(-1), data.num_classes)
   top1 = 100 * float(np.trace(counts)) / len(data.test_labels)
-  name = run.method.reported_model
   size = curves.draw_confusion(
       counts, data.class_names, os.path.join(ctx.out_dir, 'confusion.png'),
       title=f"'{name}' at step {run.step} on the {len(data.test_labels)} test images: "

@@ -217,6 +217,10 @@ def _describe(spec: augment.AugmentSpec) -> str:
 def augmentations(ctx: Context) -> list:
   """One labelled training image and many draws of the run's own training augmentation."""
   data = ctx.need_data()
+  if ctx.is_pipeline:
+    # A pipeline method (k-means features + SVM) trains no network and never
+    # reads config.augment: a picture of it would show something it never did.
+    raise Skip(f'{ctx.config.method} trains no network, so it uses no training augmentation')
   spec = augment.AugmentSpec.from_config(ctx.config.augment)
   if spec == augment.AugmentSpec(out_size=spec.out_size, fill_mode=spec.fill_mode):
     raise Skip('the run trains without augmentation (every option of config.augment is off)')
