@@ -273,6 +273,8 @@ def test_a_run_without_a_checkpoint_and_a_failing_picture(sup_run, tmp_path, mon
     assert 'no checkpoint yet' in named[name].reason
   assert 'no metrics.jsonl' in named['curves'].reason
   assert named['broken'].reason == 'drawing it failed: RuntimeError: boom'
+  line = drawing.run_command(workdir, tsne_points=150, thumbnails=True)
+  assert '; 1 failed (broken): ' in line and 'broken' not in line.partition('failed')[0]
 
 
 def test_bad_input_is_one_user_error(sup_run, tmp_path, capsys):

@@ -150,6 +150,9 @@ def confusion_picture(ctx: Context) -> list:
                   {'top1': top1, 'counts': counts})]
 
 
+# How the page and the summary line start the reason of a picture that raised.
+FAILED = 'drawing it failed'
+
 # (name, title, function): the order of the page.
 PICTURES = (
     ('curves', 'Training curves', curves_picture),
@@ -172,7 +175,7 @@ def _draw_one(ctx: Context, name: str, title: str, fn) -> list:
   except Exception as e:  # pylint: disable=broad-except
     # One broken picture must not cost the others.
     logging.warning('viz: drawing %s failed', title, exc_info=True)
-    return [Skipped(name, title, f'drawing it failed: {type(e).__name__}: {e}')]
+    return [Skipped(name, title, f'{FAILED}: {type(e).__name__}: {e}')]
   for entry in entries:
     if isinstance(entry, Picture):
       logging.info('viz: wrote %s (%dx%d)', os.path.join(ctx.out_dir, entry.file), *entry.size)
@@ -215,6 +218,11 @@ def run_command(workdir: str, *, config=None, step: int | None = None, split=Non
   index, entries = draw(workdir, step=step, out=out,
                         options=Options(tsne_points=tsne_points, thumbnails=thumbnails))
   drawn = [e.name for e in entries if isinstance(e, Picture)]
-  skipped = [e.name for e in entries if isinstance(e, Skipped)]
+  # A picture that raised is named as failed (its error is on the page),
+  # not passed off as one that does not apply to the run.
+  failed = [e.name for e in entries if isinstance(e, Skipped)
+            and e.reason.startswith(FAILED)]
+  skipped = [e.name for e in entries if isinstance(e, Skipped) and e.name not in failed]
+  also = f"; {len(failed)} failed ({', '.join(failed)})" if failed else ''
   return (f"Drew {len(drawn)} pictures ({', '.join(drawn) or 'none'}); "
-          f"{len(skipped)} not applicable ({', '.join(skipped) or 'none'}): {index}")
+          f"{len(skipped)} not applicable ({', '.join(skipped) or 'none'}){also}: {index}")
