@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import collections
 import functools
-import signal
 import time
 
 from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import numpy as np
 
 from sslj import checkpoint, logbook, methods, parallel, run_files
+from sslj import preemption as preemption_lib
 from sslj.data import sources, splits
 from sslj.errors import UserError
 from sslj.methods import base
+# Re-exported: what the loop raises on Ctrl-C and how often hosts agree to stop.
+from sslj.preemption import STOP_CHECK_EVERY, Interrupted  # pylint: disable=unused-import
 
 
 @flax.struct.dataclass
@@ -185,72 +186,6 @@ def check(config) -> None:
 DISPATCH_AHEAD = 1
 
 
-# With several processes, how often (in steps) they agree whether any of them
-# got SIGTERM. Every process checks at the same steps, so all stop at the same
-# step and save the same checkpoint; a check costs one small all-gather and
-# stalls the dispatch queue, so it is not done every step.
-STOP_CHECK_EVERY = 10
-
-
-class Interrupted(KeyboardInterrupt):
-  """Ctrl-C stopped the run after it saved a checkpoint; the message says how to resume."""
-
-
-# Signals that stop a run at the next step boundary, with a checkpoint.
-_STOP_SIGNALS = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT (Ctrl-C)'}
-
-
-class _Preemption:
-  """Turns SIGTERM and SIGINT into a flag the loop checks at step boundaries.
-
-  One process reads its own flag at every step. Several processes stop only
-  at an agreed step (`should_stop`): a host that stopped alone would leave
-  the others waiting in the next collective. A second Ctrl-C is Python's
-  usual KeyboardInterrupt: it stops at once, without the checkpoint.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self.signal = None
-    self._previous = {}
-
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() == 1:
-      return self.requested
-    if step % STOP_CHECK_EVERY:
-      return False
-    flags = multihost_utils.process_allgather(np.int32(self.requested))
-    return bool(np.max(flags))
-
-  def __enter__(self):
-    def handler(signum, frame):
-      del frame
-      if self.requested and signum == signal.SIGINT:
-        raise KeyboardInterrupt  # the second Ctrl-C: stop now
-      self.requested = True
-      self.signal = self.signal or signum
-      logging.warning('%s received: saving a checkpoint at the next step boundary%s.',
-                      _STOP_SIGNALS[signum],
-                      ' (Ctrl-C again stops at once)' if signum == signal.SIGINT else '')
-    for signum in _STOP_SIGNALS:
-      try:
-        self._previous[signum] = signal.signal(signum, handler)
-      except ValueError:  # not the main thread (e.g. under a test runner thread)
-        pass
-    return self
-
-  def __exit__(self, *exc):
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-
-  def stopped(self, step: int):
-    """None after SIGTERM (the caller exits 0); raises Interrupted after Ctrl-C."""
-    if self.signal == signal.SIGINT:
-      raise Interrupted(f'Stopped at step {step} on Ctrl-C after saving a checkpoint; run the '
-                        'same command to resume.')
-    return None
-
-
 def train_and_evaluate(config, workdir: str) -> dict | None:
   """Trains (resuming if `workdir` holds a checkpoint), evaluates, writes results.
 
@@ -332,7 +267,7 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
       run_eval(start_step)  # Skipped when SIGTERM stopped the run here.
   logging.info('Compiling the training step (the first step takes longest)...')
   in_flight = collections.deque()
-  with _Preemption() as preemption:
+  with preemption_lib.Preemption() as preemption:
     for step in range(start_step, num_steps):
       if method.on_epoch_start and step % method.steps_per_epoch == 0:
         state = method.on_epoch_start(state, step // method.steps_per_epoch)
@@ -358,7 +293,8 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
       save(done)
       if stop:
         save(done, force=True)
-        logging.warning('Stopped at step %d; run the same command to resume.', done)
+        logging.warning('Stopped at step %d on %s; run the same command to resume.', done,
+                        preemption.signal_name)
         book.close()
         ckpt.close()
         return preemption.stopped(done)

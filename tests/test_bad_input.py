@@ -191,8 +191,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, data_dir, finished):
 
 
 def test_a_second_ctrl_c_stops_at_once():
-  from sslj import train
-  with train._Preemption() as preemption:
+  from sslj import preemption as preemption_lib, train
+  with preemption_lib.Preemption() as preemption:
     os.kill(os.getpid(), signal.SIGINT)
     assert preemption.requested
     with pytest.raises(KeyboardInterrupt):
