@@ -33,8 +33,7 @@ _CHOICES = {'model.dtype': DTYPES, 'optimizer.name': OPTIMIZERS,
             'optimizer.schedule': SCHEDULES}
 
 # Numbers that must be at least 1 (whole fields or leaf-name patterns).
-_AT_LEAST_ONE = ('batch_size', 'eval_batch_size', 'log_every', 'keep_checkpoints',
-                 'data.labels_per_class')
+_AT_LEAST_ONE = ('batch_size', 'eval_batch_size', 'log_every', 'keep_checkpoints')
 _COUNT_PREFIXES = ('num_',)
 _COUNT_SUFFIXES = ('_size', '_iters', '_dim', '_width', '_logs')
 _COUNT_LEAVES = ('mu', 'stride')
@@ -46,6 +45,10 @@ _UNIT_LEAVES = ('threshold', 'cutout', 'dropout_rate', 'collapse_fraction', 'tra
 _UNIT_SUFFIXES = ('ema_decay',)
 # Momentum-like factors: 0 <= x < 1 (1 would never forget the first gradient).
 _BELOW_ONE = ('momentum', 'b1', 'b2')
+
+# Checked where they are used, with a message that says more than a range:
+# labels_per_class by the label split (it names `labels_per_class=all`).
+_CHECKED_ELSEWHERE = ('data.labels_per_class',)
 
 # Seeds seed jax.random.key, which takes an unsigned 32-bit integer.
 _SEED_MAX = 2 ** 32 - 1
@@ -96,6 +99,8 @@ def check_config(config) -> None:
       a string outside its choices, or `num_steps` < 1 with no `num_epochs`.
   """
   for name, value in _flat(config):
+    if name in _CHECKED_ELSEWHERE:
+      continue
     if name in _CHOICES and value not in _CHOICES[name]:
       raise UserError(f"--config.{name}='{value}' is not allowed: use one of "
                       f"{', '.join(_CHOICES[name])}.")
