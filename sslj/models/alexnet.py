@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sslj.models.heads import classifier_heads
+from sslj.ops import pooling
 
 # Max-pools act only while the map is at least this high.
 MIN_POOL_HEIGHT = 8
@@ -86,7 +87,7 @@ class AlexNet(nn.Module):
                   use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)(x)
       x = nn.relu(norm()(x))
       if i in _POOL_AFTER and x.shape[1] >= MIN_POOL_HEIGHT:
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+        x = pooling.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
     x = x.reshape(x.shape[0], -1)
     for name in ('fc6', 'fc7'):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sslj.models.heads import classifier_heads
+from sslj.ops import pooling
 
 
 class ConvLarge(nn.Module):
@@ -67,7 +68,7 @@ class ConvLarge(nn.Module):
     for features in (128, 256):
       for _ in range(3):
         x = block(x, features, 3)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = pooling.max_pool(x, (2, 2), strides=(2, 2))
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
 
     small = min(x.shape[1], x.shape[2]) < 3

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from sslj.errors import UserError
 from sslj.models.heads import classifier_heads
+from sslj.ops import pooling
 
 
 def quadrant_max(x):
@@ -93,7 +94,7 @@ class ExemplarCNN(nn.Module):
       x = nn.relu(conv(width, (5, 5), padding='SAME')(x))
       maps.append(x)
       if i < self.pooled_layers:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = pooling.max_pool(x, (2, 2), strides=(2, 2))
     fc = nn.relu(conv(self.fc_width, (window, window), padding='VALID', name='fc')(x))
     maps.append(fc)
     # Pooled in float32, like the other models' features.

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from sslj.errors import UserError
 from sslj.models.heads import classifier_heads
+from sslj.ops import pooling
 
 STEMS = ('imagenet', 'small', 'auto')
 
@@ -140,7 +141,7 @@ class ResNet(nn.Module):
       x = conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
                name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = pooling.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     else:
       x = conv(self.width, (3, 3), name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sslj.models.heads import classifier_heads
+from sslj.ops import pooling
 
 # Stages pool only while the map is at least this high (see module docstring).
 MIN_POOL_HEIGHT = 8
@@ -64,7 +65,7 @@ class SmallCNN(nn.Module):
       kernel = self.first_kernel_size if i == 0 else 3
       x = nn.relu(norm()(conv(width, kernel_size=(kernel, kernel))(x)))
       if i < len(self.widths) - 1 and x.shape[1] >= MIN_POOL_HEIGHT:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = pooling.max_pool(x, (2, 2), strides=(2, 2))
     # Pool in float32: a bf16 mean over many positions loses precision.
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if return_features and not self.is_initializing():
