@@ -200,3 +200,17 @@ def test_torch_resnet_twin_has_sslj_parameter_count(name):
                                                                          np.float32)))
   want = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
   assert torch_models.num_params(torch_models.build(name, (96, 96, 3), 10, 2)) == want
+
+
+def test_profile_step_attributes_op_time_to_the_step_ops(tmp_path):
+  # A fresh process: the module must set XLA's trace flag before JAX starts.
+  out = tmp_path / 'profile.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.profile_step', '--config=configs/supervised.py',
+       '--shape=8,8,1', '--steps=2', '--top=5', f'--out={out}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  kinds, top = json.loads(out.read_text())['tables']
+  assert abs(sum(r['share_pct'] for r in kinds['rows']) - 100) < 1e-6
+  assert {r['kind'] for r in kinds['rows']} >= {'convolution/dot (YNNPACK)', 'elementwise'}
+  assert len(top['rows']) == 5 and all(r['ms_per_step'] > 0 for r in top['rows'])
