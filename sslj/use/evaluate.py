@@ -47,7 +47,7 @@ from sslj.use import reported, restore
 def output_name(mode: str, split: str, step: int, dataset: str, run_dataset: str) -> str:
   """The file an evaluation is written to, named by what it evaluated."""
   other = ''
-  if dataset != run_dataset:  # e.g. image_folder:/data/pets -> _image_folder-data-pets
+  if dataset != run_dataset:  # e.g. image_folder:/data/pets -> _image-folder-data-pets
     other = '_' + re.sub(r'[^A-Za-z0-9.-]+', '-', dataset).strip('-')
   return f'{mode}_{split}_step{step}{other}.json'
 
