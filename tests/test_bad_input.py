@@ -107,6 +107,41 @@ def test_eval_of_a_workdir_that_cannot_be_written_prints_and_saves_nothing(copy,
   assert _snapshot(workdir) == before
 
 
+@pytest.fixture
+def read_only_mount(tmp_path):
+  """A fresh tmpfs, filled by the test, then remounted read-only (root only)."""
+  mount_point = tmp_path / 'mnt'
+  mount_point.mkdir()
+  if os.geteuid() != 0 or subprocess.run(
+      ['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(mount_point)],
+      capture_output=True).returncode:
+    pytest.skip('needs root to mount a file system')
+
+  def make_read_only():
+    subprocess.run(['mount', '-o', 'remount,ro', str(mount_point)], check=True)
+
+  yield str(mount_point), make_read_only
+  subprocess.run(['umount', '-l', str(mount_point)], capture_output=True)
+
+
+def test_a_read_only_file_system_is_refused_and_eval_prints_instead(
+    read_only_mount, finished, data_dir):
+  mount_point, make_read_only = read_only_mount
+  run = os.path.join(mount_point, 'run')
+  shutil.copytree(finished, run)
+  make_read_only()
+  before = _snapshot(run)
+  _refused(_launch(_ARGS + [f'--workdir={os.path.join(mount_point, "new")}'], data_dir),
+           'cannot write to --workdir=')
+  proc = _launch([f'--workdir={run}', '--mode=eval'])
+  assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert 'not saved' in proc.stdout + proc.stderr
+  with open(os.path.join(run, 'results.json')) as f:
+    top1 = json.load(f)['top1']
+  assert f'{top1:.2f}' in proc.stdout + proc.stderr
+  assert _snapshot(run) == before
+
+
 def test_a_number_out_of_range_is_one_line_before_anything_is_written(copy, tmp_path, data_dir):
   workdir, before = copy
   line = _refused(_launch(_ARGS + [f'--workdir={workdir}', '--config.batch_size=-8'], data_dir),
