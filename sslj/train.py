@@ -265,12 +265,16 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
     logging.info('Resuming at step %d of %d.', start_step, num_steps)
     if eval_due(start_step) and not run_files.logged_eval(workdir, start_step):
       run_eval(start_step)  # Skipped when SIGTERM stopped the run here.
-  logging.info('Compiling the training step (the first step takes longest)...')
   in_flight = collections.deque()
   with preemption_lib.Preemption() as preemption:
     for step in range(start_step, num_steps):
       if method.on_epoch_start and step % method.steps_per_epoch == 0:
+        if step == start_step:  # it can take a minute (clustering), so say so
+          logging.info("Epoch %d: %s's work before the epoch...",
+                       step // method.steps_per_epoch, config.method)
         state = method.on_epoch_start(state, step // method.steps_per_epoch)
+      if step == start_step:  # after the first epoch's own work, which logs itself
+        logging.info('Compiling the training step (the first step takes longest)...')
       state, first_bad, metrics = step_fn(state, first_bad, train_data, base_key)
       in_flight.append(metrics['loss'])
       if step == start_step:  # compiled and run once: the rate is measured from here
