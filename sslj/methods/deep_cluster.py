@@ -195,10 +195,11 @@ def on_epoch_start(state: DeepClusterState, epoch: int, *, features_fn, data, nu
       'nonempty_clusters': float(tables.num_nonempty),
       'kmeans_inertia': float(result.inertia),
   }
-  logging.info('epoch %d: %d of %d clusters used, NMI to previous %.4f, NMI to test labels '
+  previous = (f"{metrics['nmi_previous']:.4f}" if epoch > 0
+              else 'n/a (first clustering)')
+  logging.info('epoch %d: %d of %d clusters used, NMI to previous %s, NMI to test labels '
                '%.4f (%.1f s)', epoch, metrics['nonempty_clusters'], num_clusters,
-               metrics['nmi_previous'], metrics['nmi_test_labels'],
-               time.perf_counter() - started)
+               previous, metrics['nmi_test_labels'], time.perf_counter() - started)
   replicated = parallel.replicated(mesh)
   state = state.replace(
       tables=jax.device_put(tables, replicated),
