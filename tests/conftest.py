@@ -15,6 +15,17 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tensorflow_datasets'))
 
 
+def snapshot(folder):
+  """{relative path: bytes} of every file under `folder`: what "unchanged" is compared by."""
+  files = {}
+  for root, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        files[os.path.relpath(path, folder)] = f.read()
+  return files
+
+
 def tiny_config(method='supervised', arg='', **overrides):
   """A config of `configs/<method>.py` shrunk to seconds on a CPU."""
   import importlib.util

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, snapshot, tiny_config
 from sslj import logbook, preflight, workdir_lock
 from sslj.errors import UserError
 
@@ -39,17 +39,6 @@ def _launch(args, data_dir=None):
   if data_dir:
     cmd.append(f'--config.data.data_dir={data_dir}')
   return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
-
-
-def _snapshot(folder):
-  """{relative path: bytes} of every file under `folder`."""
-  files = {}
-  for root, _, names in os.walk(folder):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        files[os.path.relpath(path, folder)] = f.read()
-  return files
 
 
 def _refused(proc, *needles, status=2):
@@ -77,7 +66,7 @@ def copy(finished, tmp_path):
   """A copy of the finished run and the snapshot of its files."""
   workdir = str(tmp_path / 'run')
   shutil.copytree(finished, workdir)
-  return workdir, _snapshot(workdir)
+  return workdir, snapshot(workdir)
 
 
 def test_a_workdir_that_cannot_hold_the_run_is_refused_before_anything(tmp_path, data_dir):
@@ -104,7 +93,7 @@ def test_eval_of_a_workdir_that_cannot_be_written_prints_and_saves_nothing(copy,
   assert 'not saved' in evaluate.summary(record, workdir)
   with open(os.path.join(workdir, 'results.json')) as f:
     assert record['models'] == json.load(f)['models']
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
 
 
 @pytest.fixture
@@ -130,7 +119,7 @@ def test_a_read_only_file_system_is_refused_and_eval_prints_instead(
   run = os.path.join(mount_point, 'run')
   shutil.copytree(finished, run)
   make_read_only()
-  before = _snapshot(run)
+  before = snapshot(run)
   _refused(_launch(_ARGS + [f'--workdir={os.path.join(mount_point, "new")}'], data_dir),
            'cannot write to --workdir=')
   proc = _launch([f'--workdir={run}', '--mode=eval'])
@@ -139,7 +128,7 @@ def test_a_read_only_file_system_is_refused_and_eval_prints_instead(
   with open(os.path.join(run, 'results.json')) as f:
     top1 = json.load(f)['top1']
   assert f'{top1:.2f}' in proc.stdout + proc.stderr
-  assert _snapshot(run) == before
+  assert snapshot(run) == before
 
 
 def test_a_number_out_of_range_is_one_line_before_anything_is_written(copy, tmp_path, data_dir):
@@ -147,7 +136,7 @@ def test_a_number_out_of_range_is_one_line_before_anything_is_written(copy, tmp_
   line = _refused(_launch(_ARGS + [f'--workdir={workdir}', '--config.batch_size=-8'], data_dir),
                   'batch_size=-8', 'at least 1')
   assert line.startswith('error: ')
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
   fresh = tmp_path / 'fresh'
   _refused(_launch(_ARGS + [f'--workdir={fresh}', '--config.batch_size=0'], data_dir),
            'batch_size=0')
@@ -182,10 +171,10 @@ def test_a_second_process_in_a_workdir_is_refused_naming_the_first(tmp_path, dat
       assert first.poll() is None and time.time() < deadline, (tmp_path / 'first.log').read_text()
       time.sleep(0.2)
     os.kill(first.pid, signal.SIGSTOP)  # holds the lock and writes nothing meanwhile
-    before = _snapshot(workdir)
+    before = snapshot(workdir)
     _refused(_launch(_ARGS + ['--config.num_steps=100000', f'--workdir={workdir}'], data_dir),
              f'{workdir} is in use by process {first.pid}')
-    assert _snapshot(workdir) == before
+    assert snapshot(workdir) == before
   finally:
     first.kill()  # SIGKILL: the kernel drops its lock
     first.wait()
@@ -241,16 +230,16 @@ def test_damaged_or_finished_run_files_change_nothing(copy, data_dir, tmp_path):
   again = _launch(_ARGS + [f'--workdir={workdir}'], data_dir)
   assert again.returncode == 0 and again.stderr == '', again.stderr[-3000:]
   assert 'holds a finished run; nothing to do' in again.stdout
-  assert _snapshot(workdir) == before  # no second evaluation, the same wall_s
+  assert snapshot(workdir) == before  # no second evaluation, the same wall_s
 
   config_json = os.path.join(workdir, 'config.json')
   with open(config_json, 'rb') as f:
     whole = f.read()
   with open(config_json, 'wb') as f:
     f.write(whole[:len(whole) // 2])
-  damaged = _snapshot(workdir)
+  damaged = snapshot(workdir)
   _refused(_launch(_ARGS + [f'--workdir={workdir}'], data_dir), f'{config_json} is damaged')
-  assert _snapshot(workdir) == damaged
+  assert snapshot(workdir) == damaged
 
   # metrics.jsonl cut off mid-line (a power cut): that line goes, with a warning.
   metrics = tmp_path / 'metrics.jsonl'

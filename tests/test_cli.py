@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, snapshot
 
 
 def _launch(args, data_dir, devices=1, timeout=300):
@@ -67,17 +67,6 @@ def test_bad_input_exits_with_one_line(name, tmp_path, data_dir):
   assert sorted(os.listdir(workdir)) == ['results.json']
 
 
-def _snapshot(folder):
-  """{relative path: bytes} of every file under `folder`."""
-  files = {}
-  for root, _, names in os.walk(folder):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        files[os.path.relpath(path, folder)] = f.read()
-  return files
-
-
 def _empty_data_directory(tmp_path, workdir):
   del workdir
   folder = tmp_path / 'my_images'
@@ -131,10 +120,10 @@ def test_bad_files_exit_with_one_line(name, tmp_path, data_dir):
   workdir.mkdir()
   (workdir / 'results.json').write_text('{"earlier": true}\n')
   args, needles = FILE_CASES[name](tmp_path, workdir)
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   proc = _launch(args + [f'--workdir={workdir}'], data_dir)
   _assert_one_clear_line(proc, *needles)
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
 
 
 def test_a_diverging_learning_rate_stops_with_one_line(tmp_path, data_dir):
