@@ -22,15 +22,12 @@ import os
 import socket
 
 from sslj.errors import UserError
+from sslj.methods import network
+from sslj.ops import optim
 
-# Compute dtypes the models support (parameters stay float32).
-DTYPES = ('float32', 'bfloat16')
-OPTIMIZERS = ('sgd', 'adam')
-SCHEDULES = ('cosine', 'constant', 'fixmatch_cosine')
-
-# Fields whose allowed strings are known here.
-_CHOICES = {'model.dtype': DTYPES, 'optimizer.name': OPTIMIZERS,
-            'optimizer.schedule': SCHEDULES}
+# Fields with a fixed set of names, as the code that reads them defines it.
+_CHOICES = {'model.dtype': tuple(network.DTYPES), 'optimizer.name': optim.OPTIMIZERS,
+            'optimizer.schedule': optim.SCHEDULES}
 
 # Numbers that must be at least 1 (whole fields or leaf-name patterns).
 _AT_LEAST_ONE = ('batch_size', 'eval_batch_size', 'log_every', 'keep_checkpoints')
@@ -186,28 +183,30 @@ def check_workdir(workdir: str, process_count: int = 1) -> None:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise _unwritable(workdir, e) from None
-  longest_name = max(longest.split('/'), key=len)
-  # The PID keeps the processes of a multi-host run, which share the
-  # workdir, from removing each other's test file.
-  stem = f'.sslj-write-test-{os.getpid()}-'
-  probe = os.path.join(workdir, (stem + 'x' * len(longest_name))[:len(longest_name)])
   try:
-    with open(probe, 'w') as f:
-      f.write('sslj write test\n')
-      f.flush()
-      os.fsync(f.fileno())
-    os.remove(probe)
+    _write_probe(workdir, len(max(longest.split('/'), key=len)))
   except OSError as e:
     raise _unwritable(workdir, e) from None
 
 
+def _write_probe(directory: str, name_length: int = 0) -> None:
+  """Writes, syncs and removes a small file named `name_length` long (at least
+  its stem); raises OSError where that fails."""
+  # The PID keeps the processes of a multi-host run, which share the
+  # workdir, from removing each other's test file.
+  stem = f'.sslj-write-test-{os.getpid()}-'
+  probe = os.path.join(directory, (stem + 'x' * name_length)[:max(name_length, len(stem))])
+  with open(probe, 'w') as f:
+    f.write('sslj write test\n')
+    f.flush()
+    os.fsync(f.fileno())
+  os.remove(probe)
+
+
 def can_write(directory: str) -> bool:
   """Whether a small file can be created (and removed) in `directory`."""
-  probe = os.path.join(directory, f'.sslj-write-test-{os.getpid()}')
   try:
-    with open(probe, 'w') as f:
-      f.write('x')
-    os.remove(probe)
+    _write_probe(directory)
     return True
   except OSError:
     return False

@@ -14,13 +14,14 @@ from sslj import models
 from sslj.data import augment
 from sslj.errors import UserError
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+# Compute dtypes the models support (parameters stay float32).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def compute_dtype(name: str):
-  if name not in _DTYPES:
-    raise UserError(f"model.dtype='{name}' is unknown; use one of {sorted(_DTYPES)}.")
-  return _DTYPES[name]
+  if name not in DTYPES:
+    raise UserError(f"model.dtype='{name}' is unknown; use one of {sorted(DTYPES)}.")
+  return DTYPES[name]
 
 
 # Model attributes a config may set; 0 (the config's default) keeps the model's own.

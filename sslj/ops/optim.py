@@ -59,6 +59,11 @@ def fixmatch_cosine(peak: float, num_steps: int, warmup_steps: int = 0) -> optax
       [optax.linear_schedule(0.0, peak, warmup_steps), schedule], [warmup_steps])
 
 
+# The names `optimizer.schedule` and `optimizer.name` accept.
+SCHEDULES = ('cosine', 'constant', 'fixmatch_cosine')
+OPTIMIZERS = ('sgd', 'adam')
+
+
 def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
   """SGD (optionally Nesterov) with L2 weight decay, or Adam(W).
 
