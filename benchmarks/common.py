@@ -210,8 +210,7 @@ class TrainStep:
   def __init__(self, config, data, *, donate: bool = True):
     self.config = config
     self.data = data
-    module = methods.get(config.method)
-    self.method = module.build(config, data, train.num_steps_for(config, module, data))
+    self.method = methods.get(config.method).make(config, data)
     self.mesh = parallel.make_mesh()
     self.train_data = train.put_train_data(data, self.method, self.mesh)
     self.init_key, self.base_key = jax.random.split(jax.random.key(config.seed))

@@ -49,10 +49,10 @@ def _time(fn, state, steps, repeats=5):
 
 
 def measure(config, steps: int, repeats: int = 5) -> dict:
-  module = methods.get(config.method)
+  definition = methods.get(config.method)
   data = train.load_data(config)
-  num_steps = train.num_steps_for(config, module, data)
-  method = module.build(config, data, num_steps)
+  steps = definition.steps(config, data)
+  method = definition.build(config, data, steps)
   mesh = parallel.make_mesh()
   train_data = train.put_train_data(data, method, mesh)
   init_key, base_key = jax.random.split(jax.random.key(config.seed))
@@ -84,7 +84,7 @@ def measure(config, steps: int, repeats: int = 5) -> dict:
   config_plain.augment.crop_scale = None
   for key in ('brightness', 'contrast', 'saturation', 'hue'):
     config_plain.augment[key] = 0.0
-  plain = module.build(config_plain, data, num_steps)
+  plain = definition.build(config_plain, data, steps)
   batch = jax.jit(sampler)(train_data, jax.random.key(1))
   plain_step = jax.jit(plain.train_step, donate_argnums=(0,))
 

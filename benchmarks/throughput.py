@@ -66,52 +66,58 @@ class Case:
     return f"{self.method}/{self.model}@{'x'.join(map(str, self.shape))}"
 
 
-def _resnet_cases(method: str) -> list[Case]:
-  # The STL-10 recipes at 96x96 (the ResNet-152 preset's resize to 224 is off).
-  return [Case(method, f'resnet{d}', f'configs/{method}.py:{STL},model=resnet{d}', (96, 96, 3),
-               (('augment.out_size', None),), cpu_batch=b, heavy=d >= 50)
-          for d, b in ((18, 16), (50, 8), (152, 4))]
-
-
-CASES = [
-    Case('supervised', 'small_cnn', 'configs/supervised.py', (8, 8, 1)),
-    *_resnet_cases('supervised'),
-    Case('mean_teacher', 'small_cnn', 'configs/mean_teacher.py', (8, 8, 1)),
-    *_resnet_cases('mean_teacher'),
-    Case('mean_teacher', 'convlarge',
-         'configs/mean_teacher.py:dataset=cifar10,labels_per_class=100,model=convlarge',
-         (32, 32, 3), cpu_batch=16),
-    Case('fixmatch', 'small_cnn', 'configs/fixmatch.py', (8, 8, 1)),
-    Case('pseudo_label', 'small_cnn', 'configs/pseudo_label.py', (8, 8, 1)),
-    Case('kmeans_pseudo_label', 'small_cnn', 'configs/kmeans_pseudo_label.py', (8, 8, 1)),
-    Case('ssl_gan', 'dcgan', 'configs/ssl_gan.py', (8, 8, 1)),
-    Case('ssl_gan', 'dcgan', 'configs/ssl_gan.py:dataset=cifar10,labels_per_class=400',
-         (32, 32, 3), cpu_batch=64),
-    Case('deep_cluster', 'small_cnn', 'configs/deep_cluster.py', (8, 8, 1)),
-    Case('deep_cluster', 'alexnet', 'configs/deep_cluster.py:dataset=stl10,model=alexnet',
-         (96, 96, 3), cpu_batch=32, pool=1000),
-    Case('exemplar_cnn', 'exemplar_small', 'configs/exemplar_cnn.py', (8, 8, 1), pool=1000),
-    Case('exemplar_cnn', 'exemplar_large',
-         'configs/exemplar_cnn.py:dataset=stl10,labels_per_class=100,model=exemplar_large',
-         (96, 96, 3), cpu_batch=64, pool=4000),
+# The recipes at their report sizes: (config string, batch on a CPU,
+# unlabeled pool: DeepCluster's clusters and Exemplar-CNN's seeds need
+# enough). A method's own row at its default config comes from the registry
+# (`all_cases`).
+RESNET_CPU_BATCH = {'resnet18': 16, 'resnet50': 8, 'resnet152': 4}
+LARGE = [
+    *((f'configs/{m}.py:{STL},model={r}', b, 512) for m in ('supervised', 'mean_teacher')
+      for r, b in RESNET_CPU_BATCH.items()),
+    ('configs/mean_teacher.py:dataset=cifar10,labels_per_class=100,model=convlarge', 16, 512),
+    ('configs/ssl_gan.py:dataset=cifar10,labels_per_class=400', 64, 512),
+    ('configs/deep_cluster.py:dataset=stl10,model=alexnet', 32, 1000),
+    ('configs/exemplar_cnn.py:dataset=stl10,labels_per_class=100,model=exemplar_large', 64, 4000),
 ]
+SHAPES = {'digits': (8, 8, 1), 'cifar10': (32, 32, 3), 'stl10': (96, 96, 3)}
+DIGITS_POOL = 1347  # the digits training split: every default config runs on it
+HEAVY = ('resnet50', 'resnet152')  # few timed steps on a CPU
+
+
+def _case(config_string: str, cpu_batch: int | None = None, pool: int = DIGITS_POOL) -> Case:
+  """The case of one config: its method, model and data shape come from the config."""
+  config = common.load_config(config_string, {})
+  model = config.model.name
+  # The ResNets at 96x96 (the ResNet-152 preset resizes to 224).
+  overrides = (('augment.out_size', None),) if model.startswith('resnet') else ()
+  return Case(config.method, model, config_string, SHAPES[config.data.name], overrides,
+              cpu_batch, heavy=model in HEAVY, pool=pool)
+
+
+def all_cases() -> list[Case]:
+  """Every registered gradient method at its default config, then the LARGE recipes."""
+  from sslj import methods  # pylint: disable=g-import-not-at-top
+  default = [(f'configs/{name}.py',) for name, definition in methods.registry().items()
+             if not definition.is_pipeline]
+  return [_case(*c) for c in default + LARGE]
+
 
 # --quick: every case at a small batch (labeled images for the mu-methods).
 QUICK_BATCH = 8
 
 
-def batch_overrides(method: str, batch: int) -> dict:
-  """Config fields that set a global batch of `batch` for `method`.
+def batch_overrides(config, batch: int) -> dict:
+  """Config fields that set a global batch of `batch`.
 
-  Mean Teacher keeps a quarter of it labeled and the GAN half, as their
-  configs do; for FixMatch and the pseudo-label methods `batch_size` is the
-  labeled batch and mu times as many unlabeled images are drawn.
+  A method whose section has a `labeled_batch_size` (a share of
+  `batch_size`) keeps its config's share; for the others `batch_size` is
+  the labeled batch and the method draws its unlabeled images from it.
   """
   out = {'batch_size': batch}
-  if method == 'mean_teacher':
-    out['mean_teacher.labeled_batch_size'] = max(1, batch // 4)
-  elif method == 'ssl_gan':
-    out['ssl_gan.labeled_batch_size'] = max(1, batch // 2)
+  section = config.get(config.method) or {}
+  if 'labeled_batch_size' in section:
+    share = section.labeled_batch_size / config.batch_size
+    out[f'{config.method}.labeled_batch_size'] = max(1, int(batch * share))
   return out
 
 
@@ -121,10 +127,9 @@ def measure(case: Case, *, quick: bool, peak: float | None) -> dict:
   overrides = dict(case.overrides)
   batch = QUICK_BATCH if quick else case.cpu_batch if cpu else None
   if batch:
-    overrides.update(batch_overrides(case.method, batch))
+    overrides.update(batch_overrides(common.load_config(case.config, overrides), batch))
   config = common.load_config(case.config, overrides)
-  num_classes = 10 if case.method != 'deep_cluster' else config.deep_cluster.num_clusters
-  data = common.synthetic_data(case.shape, num_classes=num_classes, unlabeled=case.pool)
+  data = common.synthetic_data(case.shape, num_classes=10, unlabeled=case.pool)
   bench = common.TrainStep(config, data)
   carry = bench.fresh_carry()
   compiled, compile_s, flops = bench.compile(carry)
@@ -153,9 +158,10 @@ def measure(case: Case, *, quick: bool, peak: float | None) -> dict:
 def suite(quick: bool = False, peak_tflops: float | None = None,
           cases: list[str] | None = None) -> dict:
   """Every case (or those named in `cases`) as one benchmark result."""
-  selected = [c for c in CASES if not cases or c.name in cases or c.method in cases]
+  known = all_cases()
+  selected = [c for c in known if not cases or c.name in cases or c.method in cases]
   if cases and not selected:
-    raise ValueError(f'no case matches {cases}; cases: {", ".join(c.name for c in CASES)}')
+    raise ValueError(f'no case matches {cases}; cases: {", ".join(c.name for c in known)}')
   peak = common.peak_tflops(peak_tflops)
   rows = []
   for case in selected:
@@ -202,7 +208,7 @@ def main():
   parser.add_argument('--list', action='store_true', help='list the cases and exit')
   args = parser.parse_args()
   if args.list:
-    print('\n'.join(c.name for c in CASES))
+    print('\n'.join(c.name for c in all_cases()))
     return
   result = suite(args.quick, args.peak_tflops, args.cases.split(',') if args.cases else None)
   common.print_result(result, args.out)

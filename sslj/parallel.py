@@ -137,6 +137,11 @@ def gather_rows(mesh, table: jax.Array, indices: jax.Array) -> jax.Array:
                        out_specs=P(DATA_AXIS))(table, indices)
 
 
+def uniform_rows(resident: ResidentImages, key: jax.Array, num_samples: int) -> jax.Array:
+  """`num_samples` row indices, uniform (with replacement) over the real rows."""
+  return jax.random.randint(key, (num_samples,), 0, resident.count)
+
+
 def sample_rows(mesh, resident: ResidentImages, key: jax.Array,
                 num_samples: int, labels: jax.Array | None = None):
   """Uniformly samples `num_samples` rows (with replacement) on the devices.
@@ -144,7 +149,7 @@ def sample_rows(mesh, resident: ResidentImages, key: jax.Array,
   Returns the gathered images and, if `labels` (replicated, one per real row)
   are given, their labels, both sharded over `data`.
   """
-  idx = jax.random.randint(key, (num_samples,), 0, resident.count)
+  idx = uniform_rows(resident, key, num_samples)
   images = gather_rows(mesh, resident.images, idx)
   if labels is None:
     return images, None

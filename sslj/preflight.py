@@ -21,11 +21,13 @@ import math
 import os
 import socket
 
+from sslj import methods
 from sslj.errors import UserError
 from sslj.methods import network
 from sslj.ops import optim
 
-# Fields with a fixed set of names, as the code that reads them defines it.
+# Fields with a fixed set of names, as the code that reads them defines it
+# (a method's module may add schedule names: `methods.registry()` imports them).
 _CHOICES = {'model.dtype': tuple(network.DTYPES), 'optimizer.name': optim.OPTIMIZERS,
             'optimizer.schedule': optim.SCHEDULES}
 
@@ -95,6 +97,7 @@ def check_config(config) -> None:
     UserError: a number out of range (named with its value and the range),
       a string outside its choices, or `num_steps` < 1 with no `num_epochs`.
   """
+  methods.registry()
   for name, value in _flat(config):
     if name in _CHECKED_ELSEWHERE:
       continue

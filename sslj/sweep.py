@@ -1,6 +1,6 @@
 r"""Labels-per-class sweep: every method x label count x seed, and the table.
 
-  python -m sslj.sweep --config=configs/supervised.py --config=configs/mean_teacher.py \
+  python -m sslj.sweep --config=configs/supervised.py --config=configs/<method>.py \
       --labels_per_class=1,2,4,8,16,32,64 --seeds=0,1,2 --workdir=runs/sweep \
       [--config.num_steps=2000 ...]
   python -m sslj.sweep --table_only --workdir=runs/sweep   # rebuild the tables

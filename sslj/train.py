@@ -54,22 +54,23 @@ def sample_batch(data: TrainData, key, state=None, *, mesh, labeled_batch: int,
                  unlabeled_batch: int, sample_unlabeled=None) -> base.Batch:
   """Draws a batch on the devices: uniform indices, then a sharded gather.
 
-  With `sample_unlabeled` (`Method.sample_unlabeled`), the unlabeled indices
-  are the method's draw from `state` instead, and join the batch.
+  The unlabeled rows are uniform over the pool, or the method's draw from
+  `state` with `sample_unlabeled` (`Method.sample_unlabeled`); either way
+  their indices join the batch as 'unlabeled_indices'.
   """
   labeled_key, unlabeled_key = jax.random.split(key)
   batch = {}
   if labeled_batch:
     batch['labeled_images'], batch['labels'] = parallel.sample_rows(
         mesh, data.labeled, labeled_key, labeled_batch, data.labels)
-  if unlabeled_batch and sample_unlabeled is not None:
-    idx = sample_unlabeled(state, unlabeled_key, unlabeled_batch)
+  if unlabeled_batch:
+    if sample_unlabeled is not None:
+      idx = sample_unlabeled(state, unlabeled_key, unlabeled_batch)
+    else:
+      idx = parallel.uniform_rows(data.unlabeled, unlabeled_key, unlabeled_batch)
     batch['unlabeled_images'] = parallel.gather_rows(mesh, data.unlabeled.images, idx)
     batch['unlabeled_indices'] = jax.lax.with_sharding_constraint(
         idx, parallel.batch_sharded(mesh))
-  elif unlabeled_batch:
-    batch['unlabeled_images'], _ = parallel.sample_rows(
-        mesh, data.unlabeled, unlabeled_key, unlabeled_batch)
   return batch
 
 
@@ -128,16 +129,6 @@ def load_data(config):
                                 unlabeled_from_train=config.data.unlabeled_from_train)
 
 
-def num_steps_for(config, module, data) -> int:
-  """`num_steps`, or `num_epochs` worth of steps when that is set."""
-  if config.num_epochs > 0:
-    return int(np.ceil(config.num_epochs * module.steps_per_epoch(config, data)))
-  if config.num_steps < 1:
-    raise UserError(f'num_steps={config.num_steps} must be at least 1 '
-                    '(or set num_epochs > 0).')
-  return config.num_steps
-
-
 def extra_eval_steps(config) -> frozenset:
   """The steps of `eval_at` ('10,20,50'): evaluations besides every `eval_every`."""
   text = config.get('eval_at') or ''
@@ -169,13 +160,13 @@ def check(config) -> None:
   Raises:
     UserError: whatever `train_and_evaluate` would refuse up front.
   """
-  module = methods.get(config.method)
+  definition = methods.get(config.method)
   data = load_data(config)
-  if hasattr(module, 'run_pipeline'):
+  if definition.is_pipeline:
     return
-  num_steps = num_steps_for(config, module, data)
+  steps = definition.steps(config, data)
   extra_eval_steps(config)
-  _check_batches(config, module.build(config, data, num_steps))
+  _check_batches(config, definition.build(config, data, steps))
 
 
 # How many steps the host may dispatch ahead of the device. JAX dispatches
@@ -196,15 +187,16 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
     Interrupted: Ctrl-C stopped the run after saving a checkpoint.
   """
   started = time.perf_counter()
-  module = methods.get(config.method)
+  definition = methods.get(config.method)
   logging.info('Preparing %s (%s labels per class)...', config.data.name,
                config.data.labels_per_class or 'all')
   data = load_data(config)
-  if hasattr(module, 'run_pipeline'):
-    return _run_pipeline(module, config, data, workdir, started)
-  num_steps = num_steps_for(config, module, data)
+  if definition.is_pipeline:
+    return _run_pipeline(definition, config, data, workdir, started)
+  steps = definition.steps(config, data)
+  num_steps, epoch_steps = steps
   eval_at = extra_eval_steps(config)
-  method = module.build(config, data, num_steps)
+  method = definition.build(config, data, steps)
   _check_batches(config, method)
   run_files.claim_workdir(workdir, config)
 
@@ -268,11 +260,11 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
   in_flight = collections.deque()
   with preemption_lib.Preemption() as preemption:
     for step in range(start_step, num_steps):
-      if method.on_epoch_start and step % method.steps_per_epoch == 0:
+      if method.on_epoch_start and step % epoch_steps == 0:
         if step == start_step:  # it can take a minute (clustering), so say so
-          logging.info("Epoch %d: %s's work before the epoch...",
-                       step // method.steps_per_epoch, config.method)
-        state = method.on_epoch_start(state, step // method.steps_per_epoch)
+          logging.info("Epoch %d: %s's work before the epoch...", step // epoch_steps,
+                       config.method)
+        state = method.on_epoch_start(state, step // epoch_steps)
       if step == start_step:  # after the first epoch's own work, which logs itself
         logging.info('Compiling the training step (the first step takes longest)...')
       state, first_bad, metrics = step_fn(state, first_bad, train_data, base_key)
@@ -312,14 +304,14 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
                  wall_before + time.perf_counter() - started)
 
 
-def _run_pipeline(module, config, data, workdir, started):
+def _run_pipeline(definition, config, data, workdir, started):
   """A method that is not gradient training: it evaluates itself.
 
-  `module.run_pipeline(config, data, workdir)` returns
+  `definition.run_pipeline(config, data, workdir)` returns
   `(scores {model: {'top1', 'top5'}}, reported_model)`.
   """
   run_files.claim_workdir(workdir, config)
-  scores, reported_model = module.run_pipeline(config, data, workdir)
+  scores, reported_model = definition.run_pipeline(config, data, workdir)
   return _finish(config, workdir, scores, reported_model, config.num_steps,
                  time.perf_counter() - started)
 

@@ -45,3 +45,13 @@ def tiny_config(method='supervised', arg='', **overrides):
   configlib.set_fields(config, overrides)
   config.lock()
   return config
+
+
+def replace_method(monkeypatch, name, **fields):
+  """Registers `name` with some of its `Definition` fields replaced, for one test."""
+  import dataclasses
+  from sslj import methods
+  from sslj.methods import base
+  definition = dataclasses.replace(methods.get(name), **fields)
+  monkeypatch.setitem(base._REGISTRY, name, definition)  # pylint: disable=protected-access
+  return definition

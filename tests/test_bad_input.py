@@ -265,7 +265,7 @@ def test_settings_that_would_be_silently_ignored_are_refused_up_front(
   from sslj import methods, train
   config = tiny_config('pseudo_label', **{'data.data_dir': data_dir})
   with caplog.at_level('WARNING'):
-    methods.get('pseudo_label').build(config, train.load_data(config), config.num_steps)
+    methods.get('pseudo_label').make(config, train.load_data(config))
   assert any('trains on the labels only' in r.getMessage() for r in caplog.records)
 
   # A sweep refuses an impossible cell before it trains any other.

@@ -103,7 +103,7 @@ def test_torch_mean_teacher_step_matches_sslj():
   config = common.load_config('configs/mean_teacher.py', {
       'augment.pad_crop': 0, 'batch_size': 16, 'mean_teacher.labeled_batch_size': 4})
   data = common.synthetic_data((8, 8, 1))
-  method = mean_teacher.build(config, data, train.num_steps_for(config, mean_teacher, data))
+  method = mean_teacher.METHOD.make(config, data)
   state = jax.jit(method.init)(jax.random.key(0))
   n_l, n_u = method.labeled_batch, method.unlabeled_batch
   batch = {'labeled_images': data.labeled_images[:n_l], 'labels': data.labeled_labels[:n_l],

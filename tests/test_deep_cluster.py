@@ -16,7 +16,7 @@ from sslj import checkpoint, models, parallel, train
 from sslj.data import augment
 from sslj.errors import UserError
 from sslj.methods import deep_cluster as dc
-from sslj.ops import kmeans, nmi
+from sslj.ops import front_ends, kmeans, nmi
 from sslj.use import evaluate, export
 
 
@@ -80,8 +80,10 @@ def test_sampler_hook_replaces_only_the_unlabeled_draw():
   sample = functools.partial(train.sample_batch, mesh=mesh, labeled_batch=4, unlabeled_batch=8)
   key = jax.random.key(3)
   default = jax.jit(sample)(data, key)
-  assert set(default) == {'labeled_images', 'labels', 'unlabeled_images'}
-  # A hook that draws as the loop does gives the very same batch, plus the indices.
+  assert set(default) == {'labeled_images', 'labels', 'unlabeled_images', 'unlabeled_indices'}
+  np.testing.assert_array_equal(images[np.asarray(default['unlabeled_indices'])],
+                                default['unlabeled_images'])
+  # A hook that draws as the loop does gives the very same batch.
   uniform = lambda state, k, n: jax.random.randint(k, (n,), 0, 37)
   hooked = jax.jit(functools.partial(sample, sample_unlabeled=uniform))(data, key)
   for name in default:
@@ -98,7 +100,7 @@ def test_sobel_matches_scipy():
   x = np.random.default_rng(0).normal(size=(2, 6, 7, 3)).astype(np.float32)
   got = np.asarray(jax.jit(dc.sobel)(x))
   gray = x.mean(-1)
-  for c, k in enumerate((dc._SOBEL_X, dc._SOBEL_X.T)):  # pylint: disable=protected-access
+  for c, k in enumerate((front_ends.SOBEL_X, front_ends.SOBEL_X.T)):
     want = np.stack([ndimage.correlate(g, k, mode='constant') for g in gray])
     np.testing.assert_allclose(got[..., c], want, rtol=1e-5, atol=1e-5)
 
@@ -124,7 +126,7 @@ def test_alexnet_adapts_conv1_and_keeps_the_paper_layers(size, channels, kernel,
 def _method(data_dir, **overrides):
   config = _config(data_dir, **overrides)
   data = train.load_data(config)
-  method = dc.build(config, data, config.num_steps)
+  method = dc.METHOD.make(config, data)
   state = jax.jit(method.init)(jax.random.key(0))
   return config, data, method, state
 

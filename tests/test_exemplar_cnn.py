@@ -156,4 +156,4 @@ def test_tiny_run_scores_the_trained_and_random_network(tmp_path, data_dir):
 def test_build_rejects_other_networks(data_dir):
   config = tiny_config('exemplar_cnn', 'model=small_cnn', **{'data.data_dir': data_dir})
   with pytest.raises(UserError, match='exemplar_small'):
-    ex.build(config, train.load_data(config), 12)
+    ex.METHOD.make(config, train.load_data(config), 12)

@@ -46,7 +46,7 @@ def test_loss_masks_unconfident_pseudo_labels_like_numpy():
   inputs = np.concatenate([labeled, weak, strong]).astype(np.float32)
   loss = jax.jit(functools.partial(
       fixmatch.loss_fn, apply_fn=_fake_apply, num_unlabeled=num_unlabeled,
-      threshold=0.95, unlabeled_weight=1.5))
+      mask_fn=pseudo_labels.fixed_threshold(0.95), unlabeled_weight=1.5))
   total, aux = loss({'scale': jnp.float32(1)}, {}, inputs=inputs, labels=labels,
                     dropout_key=jax.random.key(0))
   expected, kept = _np_fixmatch_loss(labeled, labels, weak.astype(np.float32).astype(np.float64),
@@ -58,9 +58,9 @@ def test_loss_masks_unconfident_pseudo_labels_like_numpy():
   np.testing.assert_allclose(np.asarray(aux[3]), p.max(-1), rtol=1e-5)
 
 
-def test_hard_pseudo_labels_threshold_is_inclusive():
+def test_hard_labels_threshold_is_inclusive():
   logits = jnp.log(jnp.array([[0.5, 0.5 - 1e-3, 1e-3], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]]))
-  labels, mask, max_prob = jax.jit(pseudo_labels.hard_pseudo_labels, static_argnums=1)(logits, 0.7)
+  labels, mask, max_prob = jax.jit(pseudo_labels.hard_labels, static_argnums=1)(logits, 0.7)
   np.testing.assert_array_equal(labels, [0, 1, 2])
   np.testing.assert_array_equal(mask, [0, 1, 1])  # 0.7 itself is kept
   np.testing.assert_allclose(max_prob, [0.5, 0.7, 0.8], rtol=1e-6)
@@ -70,13 +70,14 @@ def _built(data_dir, **overrides):
   config = tiny_config('fixmatch', **{'data.data_dir': data_dir, 'batch_size': 4,
                                       'fixmatch.mu': 2, **overrides})
   data = train.load_data(config)
-  method = fixmatch.build(config, data, config.num_steps)
+  method = fixmatch.METHOD.make(config, data)
   state = jax.jit(method.init)(jax.random.key(0))
   rng = np.random.RandomState(0)
   pick = rng.randint(0, len(data.labeled_images), method.labeled_batch)
+  unlabeled = rng.randint(0, len(data.unlabeled_images), method.unlabeled_batch)
   batch = {'labeled_images': data.labeled_images[pick], 'labels': data.labeled_labels[pick],
-           'unlabeled_images': data.unlabeled_images[
-               rng.randint(0, len(data.unlabeled_images), method.unlabeled_batch)]}
+           'unlabeled_images': data.unlabeled_images[unlabeled],
+           'unlabeled_indices': unlabeled.astype(np.int32)}
   return config, data, method, state, batch
 
 
@@ -102,8 +103,8 @@ def test_pseudo_labels_carry_no_gradient(data_dir):
   assert 0 < targets[1].mean() < 1
   loss = functools.partial(fixmatch.loss_fn, batch_stats=state.batch_stats,
                            apply_fn=state.apply_fn, inputs=inputs, labels=batch['labels'],
-                           dropout_key=keys[3], num_unlabeled=8, threshold=threshold,
-                           unlabeled_weight=1.0)
+                           dropout_key=keys[3], num_unlabeled=8,
+                           mask_fn=pseudo_labels.fixed_threshold(threshold), unlabeled_weight=1.0)
   grad = jax.jit(jax.grad(lambda params, targets: loss(params, targets=targets)[0]))
   # The loss's own pseudo-labels and mask, and the same fed as numpy constants.
   g = jax.jit(jax.grad(lambda params: loss(params)[0]))(state.params)
@@ -133,11 +134,11 @@ def test_one_step_updates_the_ema_and_logs_the_mask(data_dir):
 
 
 def test_fixmatch_cosine_matches_the_formula():
-  schedule = optim.fixmatch_cosine(0.03, 1000)
+  schedule = optim.truncated_cosine(0.03, 1000)
   for k in (0, 250, 999, 1000, 1200):
     expected = 0.03 * np.cos(7 * np.pi * min(k, 1000) / 16000)
     np.testing.assert_allclose(jax.jit(schedule)(k), expected, rtol=1e-6)
-  warm = optim.fixmatch_cosine(0.03, 1000, warmup_steps=100)
+  warm = optim.truncated_cosine(0.03, 1000, warmup_steps=100)
   np.testing.assert_allclose([warm(50), warm(100), warm(550)],
                              [0.015, 0.03, 0.03 * np.cos(7 * np.pi * 450 / (16 * 900))],
                              rtol=1e-6)
@@ -148,7 +149,7 @@ def test_bad_options_fail_before_compiling(data_dir):
                            ({'fixmatch.randaugment_ops': ('rotate', 'nope')}, 'RandAugment')):
     config = tiny_config('fixmatch', **{'data.data_dir': data_dir, **overrides})
     with pytest.raises(UserError, match=match):
-      fixmatch.build(config, train.load_data(config), 10)
+      fixmatch.METHOD.make(config, train.load_data(config), 10)
 
 
 def test_tiny_run_writes_results(tmp_path, data_dir):
@@ -164,10 +165,10 @@ def test_tiny_run_writes_results(tmp_path, data_dir):
 
 
 def test_pictures_show_each_image_its_weak_and_strong_views(data_dir):
-  from sslj.viz import grids
+  from sslj.ops import image_grid as grids
   config = tiny_config('fixmatch', **{'data.data_dir': data_dir})
   data = train.load_data(config)
-  made = fixmatch.pictures(None, config, data)
+  made = fixmatch.pictures(None, config, data, 0)
   grid, caption = made['weak_and_strong_views']
   h, w = data.unlabeled_images.shape[1:3]
   zoom = grids.zoom_for((h, w), 64)

@@ -52,7 +52,7 @@ def _built(data_dir, **overrides):
       'kmeans_pseudo_label.num_centroids': 16, 'kmeans_pseudo_label.kmeans_iters': 3,
       **overrides})
   data = train.load_data(config)
-  return config, data, kmeans_pseudo_label.build(config, data, config.num_steps)
+  return config, data, kmeans_pseudo_label.METHOD.make(config, data)
 
 
 @pytest.mark.parametrize('source', ['pixels', 'kmeans_features', 'network'])

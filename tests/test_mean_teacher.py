@@ -76,7 +76,7 @@ def _built(data_dir, arg='', **overrides):
   config = tiny_config('mean_teacher', arg, **{'data.data_dir': data_dir,
                                           'mean_teacher.labeled_batch_size': 4, **overrides})
   data = train.load_data(config)
-  method = mean_teacher.build(config, data, config.num_steps)
+  method = mean_teacher.METHOD.make(config, data)
   state = jax.jit(method.init)(jax.random.key(0))
   rng = np.random.RandomState(0)
   labeled, unlabeled = mean_teacher.batch_split(config)

@@ -60,7 +60,7 @@ def _outputs_of_successful(procs, timeout=600):
 def _final_state(workdir, data_dir):
   config = tiny_config('supervised', **{'data.data_dir': data_dir, 'num_steps': 8})
   data = train.load_data(config)
-  method = methods.get('supervised').build(config, data, 8)
+  method = methods.get('supervised').make(config, data, 8)
   # Saved over 4 devices; restored onto this process's first device.
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),

@@ -74,7 +74,7 @@ def _built(data_dir, **overrides):
   config = tiny_config('pseudo_label', **{'data.data_dir': data_dir, 'batch_size': 4,
                                           'pseudo_label.mu': 2, **overrides})
   data = train.load_data(config)
-  method = pseudo_label.build(config, data, config.num_steps)
+  method = pseudo_label.METHOD.make(config, data)
   state = jax.jit(method.init)(jax.random.key(0))
   rng = np.random.RandomState(0)
   pick = rng.randint(0, len(data.labeled_images), method.labeled_batch)
@@ -119,7 +119,7 @@ def test_bad_options_fail_before_compiling(data_dir):
                            ({'pseudo_label.threshold': -0.1}, 'threshold')):
     config = tiny_config('pseudo_label', **{'data.data_dir': data_dir, **overrides})
     with pytest.raises(UserError, match=match):
-      pseudo_label.build(config, train.load_data(config), 10)
+      pseudo_label.METHOD.make(config, train.load_data(config), 10)
 
 
 def test_tiny_run_writes_results(tmp_path, data_dir):

@@ -149,7 +149,7 @@ def test_killed_anywhere_and_restarted_ends_as_an_uninterrupted_run(data_dir, tm
     assert ckpt.latest_step() == 18
     if template is None:
       data = train.load_data(config)
-      method = methods.get('supervised').build(config, data, 18)
+      method = methods.get('supervised').make(config, data, 18)
       template = jax.eval_shape(method.init, jax.random.key(0))
     restored.append(ckpt.restore(template))
     ckpt.close()
@@ -241,7 +241,7 @@ def _final_leaves(workdir, data_dir):
   import jax
   from sslj import checkpoint, methods
   config = _config(data_dir, **_CLI_OVERRIDES)
-  method = methods.get('supervised').build(config, train.load_data(config), config.num_steps)
+  method = methods.get('supervised').make(config, train.load_data(config))
   ckpt = checkpoint.Checkpointer(workdir, every=0, keep=3, read_only=True)
   state = ckpt.restore(jax.eval_shape(method.init, jax.random.key(0)))
   ckpt.close()

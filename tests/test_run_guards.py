@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, replace_method, tiny_config
 from sslj import checkpoint, run_files, train
 from sslj.errors import UserError
 from sslj.methods import supervised
@@ -35,7 +35,7 @@ def test_a_diverged_state_is_never_checkpointed(data_dir, tmp_path, monkeypatch)
 
     return dataclasses.replace(method, train_step=train_step)
 
-  monkeypatch.setattr(supervised, 'build', build)
+  replace_method(monkeypatch, 'supervised', build=build)
   config = tiny_config(**{'data.data_dir': data_dir, 'checkpoint_every': 3, 'log_every': 12,
                           'eval_every': 0})
   workdir = str(tmp_path / 'run')

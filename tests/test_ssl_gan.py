@@ -82,7 +82,7 @@ def _built(data_dir, **overrides):
   config = tiny_config('ssl_gan', **{'data.data_dir': data_dir,
                                      'ssl_gan.labeled_batch_size': 4, **overrides})
   data = train.load_data(config)
-  method = ssl_gan.build(config, data, config.num_steps)
+  method = ssl_gan.METHOD.make(config, data)
   state = jax.jit(method.init)(jax.random.key(0))
   rng = np.random.RandomState(0)
   labeled, unlabeled = ssl_gan.batch_split(config)
@@ -205,7 +205,7 @@ def test_tiny_run_writes_results_and_sample_grids(tmp_path, data_dir):
   # viz's hook draws the final grid again from the checkpoint, pixel for pixel.
   from sslj.use import restore
   run = restore.restore(str(tmp_path), None)
-  grid, _ = ssl_gan.pictures(run.state, run.config, run.data)['samples']
+  grid, _ = ssl_gan.pictures(run.state, run.config, run.data, 0)['samples']
   np.testing.assert_array_equal(grid, np.asarray(Image.open(tmp_path / 'samples/step_000012.png')))
   # The reported network (evaluate / export / viz) is the averaged discriminator.
   net = run.network

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, replace_method, tiny_config
 from sslj import train
 from sslj.errors import UserError
 from sslj.methods import mean_teacher
@@ -167,7 +167,7 @@ def test_reported_network_hooks_match_each_methods_predict(restored, data_dir):
   config = tiny_config('mean_teacher', **{'data.data_dir': data_dir,
                                           'mean_teacher.labeled_batch_size': 4})
   data = restore.load_data(config)[1]
-  method = mean_teacher.build(config, data, config.num_steps)
+  method = mean_teacher.METHOD.make(config, data)
   state = jax.jit(method.init)(jax.random.key(0))
   teacher = jax.tree.map(lambda p: p * 1.5 + 0.01, state.teacher.average)
   state = state.replace(teacher=state.teacher._replace(average=teacher))
@@ -226,8 +226,8 @@ def test_models_fitted_by_finalize_are_scored_on_the_evaluated_split(run_dir, mo
     return {'fitted': {'top1': 1.0, 'top5': 2.0}}
 
   build = supervised.build
-  monkeypatch.setattr(supervised, 'build', lambda *a: dataclasses.replace(build(*a),
-                                                                         finalize=finalize))
+  replace_method(monkeypatch, 'supervised',
+                 build=lambda *a: dataclasses.replace(build(*a), finalize=finalize))
   record = evaluate.evaluate(run_dir, step=18, split='train')
   assert record['models']['fitted'] == {'top1': 1.0, 'top5': 2.0} and 'model' in record['models']
   assert seen == {'step': 18, 'test': 1347, 'labeled': 1347}  # the train split in the test's place

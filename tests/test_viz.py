@@ -17,12 +17,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, replace_method, tiny_config
 from sslj import cli, run_files, train
 from sslj.errors import UserError
-from sslj.methods import supervised
 from sslj.use import restore
-from sslj.viz import context, drawing, grids, pictures
+from sslj.ops import image_grid as grids
+from sslj.viz import context, drawing, pictures
 from sslj.viz.context import Options
 from sslj.viz.page import Picture, Skipped
 
@@ -81,12 +81,12 @@ def sup_drawn(sup_run):
   yy, xx = np.mgrid[0:20, 0:30]
   grid = np.stack([yy * 12, xx * 8, (yy + xx) * 5], -1).astype(np.uint8)
 
-  def hook(state, config, data):
-    assert int(state.step) == config.num_steps and data.num_classes == 10
+  def hook(state, config, data, seed):
+    assert int(state.step) == config.num_steps and data.num_classes == 10 and seed == 0
     return {'samples': (grid, 'Fake generated samples.'), 'broken': grid.astype(np.float32)}
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(supervised, 'pictures', hook, raising=False)
+    replace_method(mp, 'supervised', pictures=hook)  # as if it declared the hook
     _, entries = drawing.draw(workdir, options=OPTIONS)
   return os.path.join(workdir, 'pictures'), entries
 
@@ -122,8 +122,8 @@ def test_supervised_run_pictures(sup_run, sup_drawn):
   # The original in the augmentation grid is framed; the hook's bad picture is skipped.
   assert tuple(_png(folder, 'augmentations.png')[0, 0]) == grids.FRAME
   assert 'bad picture' in named['supervised_broken'].reason
-  assert 'only kmeans_svm' in named['centroids'].reason
-  assert 'exemplar_cnn' in named['exemplar_patches'].reason
+  assert 'no centroids.npz' in named['centroids'].reason
+  assert 'exemplar_patches' not in named  # a method's own picture now (contract test)
 
 
 def test_neighbour_correlation_against_numpy_and_on_noise_and_bars():
@@ -212,9 +212,9 @@ def test_launch_mode_viz_on_kmeans_centroids(tmp_path, data_dir):
   assert proc.returncode == 0, proc.stderr[-3000:]
   folder = os.path.join(workdir, 'pictures')
   line = proc.stdout.strip().splitlines()[-1]
-  assert line == ('Drew 3 pictures (tsne, centroids, centroids_whitened); 6 not applicable '
-                  '(curves, confusion, filters, augmentations, exemplar_patches, '
-                  f'method_pictures): {folder}/index.html'), line
+  assert line == ('Drew 3 pictures (tsne, centroids, centroids_whitened); 5 not applicable '
+                  '(curves, confusion, filters, augmentations, method_pictures): '
+                  f'{folder}/index.html'), line
   side = 4 * 30 + 5 * GAP  # 16 centroids of 5x5 -> 4x4 tiles of 30 px (zoom 6)
   sizes = {'centroids': (side, side), 'centroids_whitened': (side, side),
            'tsne': (2 * 640 + 150, 700)}  # two maps: pixels and the k-means features

@@ -156,6 +156,12 @@ class AugmentSpec:
     """The deterministic part (the resize) to apply to evaluation images."""
     return AugmentSpec(out_size=self.out_size, fill_mode=self.fill_mode)
 
+  def describe(self) -> str:
+    """The fields that differ from the defaults, as 'name=value, ...' (or 'none')."""
+    default = AugmentSpec()
+    return ', '.join(f'{f.name}={getattr(self, f.name)}' for f in dataclasses.fields(self)
+                     if getattr(self, f.name) != getattr(default, f.name)) or 'none'
+
 
 class AugmentParams(NamedTuple):
   """One example's random draws (leading batch axis when vmapped)."""

@@ -1,24 +1,37 @@
-"""One module per method; `get(name)` imports the one a config names."""
+"""One module per method, each registering itself (`base.register`).
+
+`get(name)` and `registry()` import every module of this package once, so a
+new method is found by writing its module: there is no table to edit.
+"""
+
+from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from sslj.errors import UserError
+from sslj.methods import base
 
-# method name -> module under sslj.methods
-METHODS = {
-    'supervised': 'supervised',
-    'mean_teacher': 'mean_teacher',
-    'kmeans_svm': 'kmeans_features',
-    'exemplar_cnn': 'exemplar_cnn',
-    'fixmatch': 'fixmatch',
-    'pseudo_label': 'pseudo_label',
-    'kmeans_pseudo_label': 'kmeans_pseudo_label',
-    'ssl_gan': 'ssl_gan',
-    'deep_cluster': 'deep_cluster',
-}
+_imported = False
 
 
-def get(name: str):
-  if name not in METHODS:
-    raise UserError(f"method '{name}' is unknown; known methods: {', '.join(sorted(METHODS))}.")
-  return importlib.import_module(f'sslj.methods.{METHODS[name]}')
+def registry() -> dict[str, base.Definition]:
+  """Every registered method, by name, in name order."""
+  global _imported
+  if not _imported:
+    for info in pkgutil.iter_modules(__path__):
+      importlib.import_module(f'{__name__}.{info.name}')
+    _imported = True
+  return dict(sorted(base.registered().items()))
+
+
+def names() -> tuple[str, ...]:
+  return tuple(registry())
+
+
+def get(name: str) -> base.Definition:
+  """The method a config's `method` field names; UserError if none is registered so."""
+  methods = registry()
+  if name not in methods:
+    raise UserError(f"method '{name}' is unknown; known methods: {', '.join(methods)}.")
+  return methods[name]

@@ -70,11 +70,10 @@ from sslj import parallel
 from sslj.data import augment
 from sslj.errors import UserError
 from sslj.methods import base, frozen_features, network
-from sslj.ops import kmeans, nmi, optim, probes, whitening
+from sslj.ops import front_ends, kmeans, nmi, optim, probes, whitening
 
 # Key streams under the run's seed (1 is the random network of the probe).
 _KMEANS_STREAM, _HEAD_STREAM = 2, 3
-_SOBEL_X = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float32)
 
 
 class ClusterTables(NamedTuple):
@@ -126,17 +125,7 @@ class DeepClusterState(flax.struct.PyTreeNode):
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
 
-def sobel(x: jax.Array) -> jax.Array:
-  """Grayscale (channel mean), then the horizontal and vertical 3x3 Sobel filters.
-
-  Cross-correlation with zero padding, as the paper's `nn.Conv2d(1, 2, 3,
-  padding=1)`: [B, H, W, C] -> [B, H, W, 2].
-  """
-  gray = jnp.mean(x, axis=-1, keepdims=True)
-  kernel = jnp.asarray(np.stack([_SOBEL_X, _SOBEL_X.T], axis=-1)[:, :, None, :])
-  return jax.lax.conv_general_dilated(gray, kernel, (1, 1), 'SAME',
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                      precision=jax.lax.Precision.HIGHEST)
+sobel = front_ends.sobel
 
 
 def embed(params: whitening.PCAWhitening, features) -> jax.Array:
@@ -256,7 +245,7 @@ def steps_per_epoch(config, data) -> int:
   return max(1, -(-len(data.unlabeled_images) // config.batch_size))
 
 
-def build(config, data, num_steps: int) -> base.Method:
+def build(config, data, steps: base.Steps) -> base.Method:
   """DeepCluster as a `Method` for the training loop."""
   dc = config.deep_cluster
   pool = len(data.unlabeled_images)
@@ -269,7 +258,7 @@ def build(config, data, num_steps: int) -> base.Method:
   spec = augment.AugmentSpec.from_config(config.augment)
   preprocess = network.Preprocess(spec, data.mean, data.std)
   model = network.build_model(config, dc.num_clusters)
-  tx = optim.make_optimizer(config.optimizer, num_steps)
+  tx = optim.make_optimizer(config.optimizer, steps.total)
   h, w, c = data.unlabeled_images.shape[1:]
   if spec.out_size:
     h = w = spec.out_size
@@ -304,7 +293,6 @@ def build(config, data, num_steps: int) -> base.Method:
       train_step=functools.partial(train_step, preprocess=preprocess, use_sobel=dc.sobel),
       predict=predict, reported_model='linear_probe',
       labeled_batch=0, unlabeled_batch=config.batch_size,
-      steps_per_epoch=steps_per_epoch(config, data),
       on_epoch_start=functools.partial(
           on_epoch_start, features_fn=features_fn, data=data, num_clusters=dc.num_clusters,
           pca_dim=dc.pca_dim, num_iters=dc.kmeans_iters, seed=config.seed,
@@ -313,3 +301,16 @@ def build(config, data, num_steps: int) -> base.Method:
                                  probe_c=dc.probe_c, batch_size=config.eval_batch_size,
                                  mesh=mesh),
       sample_unlabeled=lambda state, key, n: sample_uniform_over_clusters(state.tables, key, n))
+
+
+def reported(state: DeepClusterState, config, data) -> base.Reported:
+  """The trained network; its head classifies clusters, so only its features are used."""
+  del data
+  return base.Reported({'params': state.params, 'batch_stats': state.batch_stats},
+                       classifies=False,
+                       front_end='sobel' if config.deep_cluster.sobel else None)
+
+
+METHOD = base.register(base.Definition(
+    name='deep_cluster', summary="k-means of the network's own features as targets, re-clustered "
+    'every epoch', steps_per_epoch=steps_per_epoch, build=build, reported=reported))

@@ -60,7 +60,7 @@ from sslj import models, parallel
 from sslj.data import augment
 from sslj.errors import UserError
 from sslj.methods import base, frozen_features, kmeans_features, network
-from sslj.ops import optim
+from sslj.ops import image_grid, optim
 
 # Images per chunk of the host-side gradient-magnitude pass over the seeds.
 _GRADIENT_CHUNK = 1024
@@ -208,7 +208,7 @@ def steps_per_epoch(config, data) -> int:
   return max(1, -(-config.exemplar.num_seeds // config.batch_size))
 
 
-def build(config, data, num_steps: int) -> base.Method:
+def build(config, data, steps: base.Steps) -> base.Method:
   """Exemplar-CNN as a `Method` for the training loop."""
   ex = config.exemplar
   if not config.model.name.startswith('exemplar_'):
@@ -224,7 +224,7 @@ def build(config, data, num_steps: int) -> base.Method:
   model = models.build(config.model.name, num_classes=ex.num_seeds,
                        dtype=network.compute_dtype(config.model.dtype), input_size=patch,
                        dropout_rate=ex.dropout_rate)
-  tx = optim.make_optimizer(config.optimizer, num_steps)
+  tx = optim.make_optimizer(config.optimizer, steps.total)
   mesh = parallel.make_mesh()
   dummy = jnp.zeros((1, patch, patch, seeds.shape[-1]), jnp.float32)
 
@@ -240,6 +240,57 @@ def build(config, data, num_steps: int) -> base.Method:
                            mean=jnp.asarray(data.mean), std=jnp.asarray(data.std), mesh=mesh)
   return base.Method(
       init=init, train_step=step, predict=predict, reported_model='exemplar_svm',
-      labeled_batch=0, unlabeled_batch=0, steps_per_epoch=steps_per_epoch(config, data),
+      labeled_batch=0, unlabeled_batch=0,
       finalize=functools.partial(finalize, init=init, seed=config.seed, svm_c=ex.svm_c,
                                  batch_size=config.eval_batch_size, mesh=mesh))
+
+
+def reported(state: ExemplarState, config, data) -> base.Reported:
+  """The trained network; its head classifies surrogate classes, so only its features
+  are used, and its fully connected layer spans the training patch."""
+  return base.Reported({'params': state.params, 'batch_stats': {}}, classifies=False,
+                       model_options={'input_size': patch_size(config, data)})
+
+
+PICTURE_SEEDS, PICTURE_TRANSFORMS, PICTURE_PX = 8, 11, 96
+
+
+def pictures(state: ExemplarState | None, config, data, seed: int) -> dict:
+  """The page's picture: seed patches and random transformations of each (its classes)."""
+  patch = patch_size(config, data)
+  if state is not None:
+    seeds, centers = np.asarray(jax.device_get(state.seeds)), np.asarray(
+        jax.device_get(state.seed_centers))
+    source = 'the seeds stored in the checkpoint'
+  else:  # drawn again exactly as `build` draws them
+    index, corners = select_seeds(data.unlabeled_images, config.exemplar.num_seeds, patch,
+                                  np.random.default_rng(config.seed))
+    seeds = data.unlabeled_images[index]
+    centers = seed_centers(corners, patch, seeds.shape[1:3])
+    source = 'seeds drawn again as training draws them (no checkpoint yet)'
+  spec = dataclasses.replace(augment.AugmentSpec.from_config(config.augment), out_size=patch)
+  draw = jax.jit(functools.partial(surrogate_batch, batch=PICTURE_TRANSFORMS, spec=spec))
+  rng = np.random.default_rng(seed)
+  chosen = rng.choice(len(seeds), min(PICTURE_SEEDS, len(seeds)), replace=False)
+  key = jax.random.key(seed)
+  h, w = seeds.shape[1:3]
+  rows = []
+  for r, i in enumerate(chosen):
+    top, left = np.round(centers[i] + (np.array([h, w]) - 1) / 2 - (patch - 1) / 2).astype(int)
+    original = seeds[i, top:top + patch, left:left + patch].astype(np.float32) / 255
+    patches = np.asarray(draw(seeds[i:i + 1], centers[i:i + 1], jax.random.fold_in(key, r))[0])
+    rows.append(np.concatenate([original[None], patches]))
+  cols = PICTURE_TRANSFORMS + 1
+  grid = image_grid.tile(np.concatenate(rows), cols=cols,
+                         zoom=image_grid.zoom_for((patch, patch), PICTURE_PX),
+                         framed=tuple(range(0, len(rows) * cols, cols)))
+  return {'surrogate classes': (
+      grid, f'{len(chosen)} of the {len(seeds)} surrogate classes, one per row: the '
+            f'{patch}x{patch} seed patch (framed in red) and {PICTURE_TRANSFORMS} of its random '
+            f'transformations ({spec.describe()}), drawn with surrogate_batch as in training, '
+            f'from {source}.')}
+
+
+METHOD = base.register(base.Definition(
+    name='exemplar_cnn', summary='randomly transformed seed patches as surrogate classes',
+    steps_per_epoch=steps_per_epoch, build=build, reported=reported, pictures=pictures))

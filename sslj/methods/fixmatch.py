@@ -41,7 +41,7 @@ from sslj.data import augment, randaugment
 from sslj.errors import UserError
 from sslj.methods import base, network
 from sslj.ops import ema, optim, pseudo_labels
-from sslj.viz import grids
+from sslj.ops import image_grid as grids
 
 
 class FixMatchState(flax.struct.PyTreeNode):
@@ -50,6 +50,7 @@ class FixMatchState(flax.struct.PyTreeNode):
   batch_stats: Any
   opt_state: Any
   ema: ema.EmaState  # the reported model: ema.average = {'params', 'batch_stats'}
+  mask_state: Any  # the confidence mask's state; () for the fixed threshold
   apply_fn: Callable = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
@@ -75,13 +76,16 @@ class StrongAugment:
 
 
 def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *,
-            num_unlabeled: int, threshold: float, unlabeled_weight: float, targets=None):
+            num_unlabeled: int, mask_fn: pseudo_labels.ConfidenceMask, mask_state=(),
+            indices=None, unlabeled_weight: float, targets=None):
   """FixMatch's loss on `inputs` = [labeled; weak unlabeled; strong unlabeled].
 
-  `targets`, if given, is (labels, mask) for the strong views, used in place
-  of the pseudo-labels of the weak views (the tests feed constants here).
+  `mask_fn` decides which weak views' pseudo-labels count (`indices`: their
+  rows in the unlabeled pool, for masks with per-image state). `targets`, if
+  given, is (labels, mask) for the strong views, used in place of the
+  pseudo-labels of the weak views (the tests feed constants here).
   Returns (loss, aux) with aux = (labeled loss, unlabeled loss, mask, max
-  probability, labeled logits, new batch_stats).
+  probability, labeled logits, new batch_stats, new mask state).
   """
   logits, updates = apply_fn({'params': params, 'batch_stats': batch_stats}, inputs,
                              train=True, mutable=['batch_stats'], rngs={'dropout': dropout_key})
@@ -89,19 +93,24 @@ def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *,
   labeled = logits[:num_labeled]
   weak = logits[num_labeled:num_labeled + num_unlabeled]
   strong = logits[num_labeled + num_unlabeled:]
-  pseudo, mask, max_prob = pseudo_labels.hard_pseudo_labels(weak, threshold)
+  probs = pseudo_labels.class_probabilities(weak)
+  pseudo = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+  max_prob = jnp.max(probs, axis=-1)
+  if indices is None:
+    indices = jnp.zeros(num_unlabeled, jnp.int32)
+  mask, mask_state = mask_fn.update(probs, indices, mask_state)
   if targets is not None:
     pseudo, mask = targets
   labeled_loss = network.cross_entropy(labeled, labels)
   unlabeled_loss = pseudo_labels.masked_cross_entropy(strong, pseudo, mask)
   loss = labeled_loss + unlabeled_weight * unlabeled_loss
   return loss, (labeled_loss, unlabeled_loss, mask, max_prob, labeled,
-                updates['batch_stats'])
+                updates['batch_stats'], mask_state)
 
 
 def train_step(state: FixMatchState, batch, key, *, preprocess: network.Preprocess,
-               strong: StrongAugment, average: ema.ParameterEma, threshold: float,
-               unlabeled_weight: float):
+               strong: StrongAugment, average: ema.ParameterEma,
+               mask_fn: pseudo_labels.ConfidenceMask, unlabeled_weight: float):
   """One FixMatch step: SGD on the loss above, then the EMA."""
   num_unlabeled = batch['unlabeled_images'].shape[0]
   k_labeled, k_weak, k_strong, k_dropout = jax.random.split(key, 4)
@@ -109,16 +118,16 @@ def train_step(state: FixMatchState, batch, key, *, preprocess: network.Preproce
                             preprocess.train(batch['unlabeled_images'], k_weak),
                             strong(batch['unlabeled_images'], k_strong)])
   grad_fn = jax.value_and_grad(functools.partial(
-      loss_fn, num_unlabeled=num_unlabeled, threshold=threshold,
-      unlabeled_weight=unlabeled_weight), has_aux=True)
+      loss_fn, num_unlabeled=num_unlabeled, mask_fn=mask_fn, mask_state=state.mask_state,
+      indices=batch['unlabeled_indices'], unlabeled_weight=unlabeled_weight), has_aux=True)
   (loss, aux), grads = grad_fn(state.params, state.batch_stats, state.apply_fn, inputs,
                                batch['labels'], k_dropout)
-  labeled_loss, unlabeled_loss, mask, max_prob, labeled_logits, batch_stats = aux
+  labeled_loss, unlabeled_loss, mask, max_prob, labeled_logits, batch_stats, mask_state = aux
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   _, averaged = average.update({'params': params, 'batch_stats': batch_stats}, state.ema)
   state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                        opt_state=opt_state, ema=averaged)
+                        opt_state=opt_state, ema=averaged, mask_state=mask_state)
   top1 = base.top_k_correct(labeled_logits, batch['labels'], 1).mean()
   return state, {'loss': loss, 'labeled_loss': labeled_loss, 'unlabeled_loss': unlabeled_loss,
                  'mask_rate': mask.mean(), 'max_prob': max_prob.mean(),
@@ -143,8 +152,9 @@ def strong_augment(config, data) -> StrongAugment:
                        ops=tuple(fm.randaugment_ops))
 
 
-def pictures(state, config, data) -> dict:  # pylint: disable=unused-argument
-  """`python -m sslj.viz` hook: unlabeled images, a weak view and strong views of each."""
+def pictures(state, config, data, seed: int) -> dict:
+  """The page's picture: unlabeled images, a weak view and strong views of each."""
+  del state, seed  # drawn from the config's seed, like training's views
   rng = np.random.default_rng(config.seed)
   index = np.sort(rng.choice(len(data.unlabeled_images), PICTURE_IMAGES, replace=False))
   images = np.asarray(data.unlabeled_images[index])
@@ -176,12 +186,11 @@ def steps_per_epoch(config, data) -> int:
   return base.unlabeled_epoch_steps(config, data, batch_split(config)[1])
 
 
-def build(config, data, num_steps: int) -> base.Method:
+def build(config, data, steps: base.Steps) -> base.Method:
   fm = config.fixmatch
   if not 0 <= fm.threshold <= 1:
     raise UserError(f'fixmatch.threshold={fm.threshold} is a probability; use 0 to 1.')
   labeled, unlabeled = batch_split(config)
-  epoch_steps = steps_per_epoch(config, data)
   model = network.build_model(config, data.num_classes)
   spec = augment.AugmentSpec.from_config(config.augment)
   if spec.out_size:
@@ -189,8 +198,9 @@ def build(config, data, num_steps: int) -> base.Method:
   preprocess = network.Preprocess(spec, data.mean, data.std)
   randaugment.check_options(tuple(fm.randaugment_ops), fm.cutout)
   strong = strong_augment(config, data)
-  tx = optim.make_optimizer(config.optimizer, num_steps)
+  tx = optim.make_optimizer(config.optimizer, steps.total)
   average = ema.parameter_ema(fm.ema_decay)
+  mask_fn = pseudo_labels.fixed_threshold(fm.threshold)
 
   def init(key):
     variables = network.init_variables(model, key, data.labeled_images.shape[1:], spec)
@@ -198,11 +208,25 @@ def build(config, data, num_steps: int) -> base.Method:
     return FixMatchState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
                          opt_state=tx.init(params),
                          ema=average.init({'params': params, 'batch_stats': stats}),
+                         mask_state=mask_fn.init(len(data.unlabeled_images), data.num_classes),
                          apply_fn=model.apply, tx=tx)
 
   step = functools.partial(train_step, preprocess=preprocess, strong=strong, average=average,
-                           threshold=fm.threshold, unlabeled_weight=fm.unlabeled_weight)
+                           mask_fn=mask_fn, unlabeled_weight=fm.unlabeled_weight)
   return base.Method(init=init, train_step=step,
                      predict=functools.partial(predict, preprocess=preprocess),
-                     reported_model='ema', labeled_batch=labeled, unlabeled_batch=unlabeled,
-                     steps_per_epoch=epoch_steps)
+                     reported_model='ema', labeled_batch=labeled, unlabeled_batch=unlabeled)
+
+
+def reported(state: FixMatchState, config, data) -> base.Reported:
+  """The EMA of the parameters and of the BatchNorm statistics."""
+  del config, data
+  return base.Reported(dict(state.ema.average))
+
+
+# The config's name for the paper's schedule (configs/fixmatch.py's default).
+optim.register_schedule('fixmatch_cosine', optim.truncated_cosine)
+
+METHOD = base.register(base.Definition(
+    name='fixmatch', summary='confident weak-view pseudo-labels as targets for strong views',
+    steps_per_epoch=steps_per_epoch, build=build, reported=reported, pictures=pictures))

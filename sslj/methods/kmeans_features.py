@@ -53,6 +53,7 @@ import numpy as np
 
 from sslj import parallel
 from sslj.errors import UserError
+from sslj.methods import base
 from sslj.ops import kmeans as km
 from sslj.ops import probes
 from sslj.ops import whitening
@@ -308,3 +309,24 @@ def run_pipeline(config, data, workdir: str):
                  f.shape[1], scores[name]['top1'], scores[name]['top5'],
                  time.perf_counter() - start)
   return scores, 'triangle'
+
+
+def trained_features(config, workdir: str, images: np.ndarray):
+  """The t-SNE map's representation: triangle features from the run's saved encoder."""
+  path = os.path.join(workdir, 'centroids.npz')
+  if not os.path.exists(path):
+    raise base.NotApplicable('no centroids.npz yet, so no k-means features')
+  with np.load(path) as z:
+    encoder = Encoder(whitening.ZCAWhitening(z['zca_mean'], z['zca_matrix']), z['centroids'])
+  kf = config.kmeans_features
+  feats = extract_features(images, encoder, patch=kf.patch_size, stride=kf.stride,
+                           normalize_eps=kf.normalize_eps, budget_mb=kf.chunk_mb,
+                           kinds=('triangle',))['triangle']
+  # The SVM sees standardised features; so does the map.
+  feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-6)
+  return 'k-means triangle features (standardised)', feats, 'centroids.npz'
+
+
+METHOD = base.register(base.Definition(
+    name='kmeans_svm', summary='single-layer k-means centroid features and a linear SVM',
+    run_pipeline=run_pipeline, features=trained_features))

@@ -184,7 +184,7 @@ def steps_per_epoch(config, data) -> int:
   return base.unlabeled_epoch_steps(config, data, batch_split(config)[1])
 
 
-def build(config, data, num_steps: int) -> base.Method:
+def build(config, data, steps: base.Steps) -> base.Method:
   kp = config.kmeans_pseudo_label
   pool = len(data.unlabeled_images)
   if kp.source not in SOURCES:
@@ -197,12 +197,11 @@ def build(config, data, num_steps: int) -> base.Method:
     raise UserError('kmeans_pseudo_label.refresh_epochs and pca_dim must be >= 1 and '
                     f'warmup_epochs >= 0 (got {dict(kp)}).')
   labeled, unlabeled = batch_split(config)
-  epoch_steps = steps_per_epoch(config, data)
   mesh = parallel.make_mesh()
   model = network.build_model(config, data.num_classes)
   spec = augment.AugmentSpec.from_config(config.augment)
   preprocess = network.Preprocess(spec, data.mean, data.std)
-  tx = optim.make_optimizer(config.optimizer, num_steps)
+  tx = optim.make_optimizer(config.optimizer, steps.total)
   nan = np.float32(np.nan)
 
   def init(key):
@@ -222,7 +221,10 @@ def build(config, data, num_steps: int) -> base.Method:
       train_step=functools.partial(train_step, preprocess=preprocess, weight=kp.weight),
       predict=functools.partial(pseudo_label.predict, preprocess=preprocess),
       reported_model='model', labeled_batch=labeled, unlabeled_batch=unlabeled,
-      steps_per_epoch=epoch_steps,
       on_epoch_start=functools.partial(on_epoch_start, features=features, data=data, kp=kp,
-                                       seed=config.seed, mesh=mesh),
-      sample_unlabeled=lambda state, key, n: jax.random.randint(key, (n,), 0, pool))
+                                       seed=config.seed, mesh=mesh))
+
+
+METHOD = base.register(base.Definition(
+    name='kmeans_pseudo_label', summary="k-means clusters named by their labeled members' "
+    'majority class as targets', steps_per_epoch=steps_per_epoch, build=build))

@@ -126,17 +126,17 @@ def steps_per_epoch(config, data) -> int:
   return base.unlabeled_epoch_steps(config, data, batch_split(config)[1])
 
 
-def build(config, data, num_steps: int) -> base.Method:
+def build(config, data, steps: base.Steps) -> base.Method:
   mt = config.mean_teacher
   if mt.consistency not in _COSTS:
     raise UserError(f"mean_teacher.consistency='{mt.consistency}' is unknown; use 'mse' or 'kl'.")
   labeled, unlabeled = batch_split(config)
-  epoch_steps = steps_per_epoch(config, data)
+  epoch_steps = steps.per_epoch
   dual = mt.logit_distance_cost > 0
   model = network.build_model(config, data.num_classes, num_heads=2 if dual else 1)
   spec = augment.AugmentSpec.from_config(config.augment)
   preprocess = network.Preprocess(spec, data.mean, data.std)
-  tx = optim.make_optimizer(config.optimizer, num_steps)
+  tx = optim.make_optimizer(config.optimizer, steps.total)
   average = ema.parameter_ema(mt.ema_decay, mt.ema_decay_rampup,
                               int(round(mt.rampup_epochs * epoch_steps)))
 
@@ -154,5 +154,18 @@ def build(config, data, num_steps: int) -> base.Method:
       logit_distance_cost=mt.logit_distance_cost, steps_per_epoch=epoch_steps)
   return base.Method(init=init, train_step=step,
                      predict=functools.partial(predict, preprocess=preprocess),
-                     reported_model='teacher', labeled_batch=labeled, unlabeled_batch=unlabeled,
-                     steps_per_epoch=epoch_steps)
+                     reported_model='teacher', labeled_batch=labeled, unlabeled_batch=unlabeled)
+
+
+def reported(state: MeanTeacherState, config, data) -> base.Reported:
+  """The teacher: the weight average, with the BatchNorm statistics of its own passes."""
+  del data
+  heads = 2 if config.mean_teacher.logit_distance_cost > 0 else 1
+  return base.Reported({'params': state.teacher.average,
+                        'batch_stats': state.teacher_batch_stats}, num_heads=heads)
+
+
+METHOD = base.register(base.Definition(
+    name='mean_teacher', summary='consistency with an exponential moving average of the weights',
+    steps_per_epoch=steps_per_epoch, build=build, reported=reported,
+    compare_models=('student', 'teacher')))

@@ -56,7 +56,7 @@ def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *, weigh
                              train=True, mutable=['batch_stats'], rngs={'dropout': dropout_key})
   num_labeled = labels.shape[0]
   labeled, unlabeled = logits[:num_labeled], logits[num_labeled:]
-  pseudo, mask, max_prob = pseudo_labels.hard_pseudo_labels(unlabeled, threshold)
+  pseudo, mask, max_prob = pseudo_labels.hard_labels(unlabeled, threshold)
   if targets is not None:
     pseudo, mask = targets
   labeled_loss = network.cross_entropy(labeled, labels)
@@ -100,7 +100,7 @@ def steps_per_epoch(config, data) -> int:
   return base.unlabeled_epoch_steps(config, data, batch_split(config)[1])
 
 
-def build(config, data, num_steps: int) -> base.Method:
+def build(config, data, steps: base.Steps) -> base.Method:
   pl = config.pseudo_label
   if pl.ramp_unit not in RAMP_UNITS:
     raise UserError(f"pseudo_label.ramp_unit='{pl.ramp_unit}' is unknown; use 'steps' or 'epochs'.")
@@ -109,7 +109,7 @@ def build(config, data, num_steps: int) -> base.Method:
   if not 0 <= pl.threshold <= 1:
     raise UserError(f'pseudo_label.threshold={pl.threshold} is a probability; use 0 to 1.')
   labeled, unlabeled = batch_split(config)
-  epoch_steps = steps_per_epoch(config, data)
+  epoch_steps, num_steps = steps.per_epoch, steps.total
   model = network.build_model(config, data.num_classes)
   spec = augment.AugmentSpec.from_config(config.augment)
   preprocess = network.Preprocess(spec, data.mean, data.std)
@@ -133,5 +133,9 @@ def build(config, data, num_steps: int) -> base.Method:
       train_step=functools.partial(train_step, preprocess=preprocess, weight_fn=weight_fn,
                                    threshold=pl.threshold),
       predict=functools.partial(predict, preprocess=preprocess),
-      reported_model='model', labeled_batch=labeled, unlabeled_batch=unlabeled,
-      steps_per_epoch=epoch_steps)
+      reported_model='model', labeled_batch=labeled, unlabeled_batch=unlabeled)
+
+
+METHOD = base.register(base.Definition(
+    name='pseudo_label', summary="the network's own confident predictions as targets, ramped in",
+    steps_per_epoch=steps_per_epoch, build=build))

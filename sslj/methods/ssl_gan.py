@@ -54,7 +54,7 @@ from sslj.data import augment
 from sslj.errors import UserError
 from sslj.methods import base, network
 from sslj.ops import ema, gan, optim
-from sslj.viz import grids
+from sslj.ops import image_grid as grids
 
 SAMPLE_ZOOM_PX = 56  # a sample tile's side in the saved grid is about this many pixels
 
@@ -265,8 +265,11 @@ def _generator_variables(state: GanState):
   return _local({'params': state.generator.params, 'batch_stats': state.generator.batch_stats})
 
 
-def pictures(state: GanState, config, data) -> dict:
-  """`python -m sslj.viz` hook: the generator's samples for the run's fixed latents."""
+def pictures(state: GanState | None, config, data, seed: int) -> dict:
+  """The page's picture: the generator's samples for the run's fixed latents."""
+  del seed  # the run's own latents, the same at every evaluation
+  if state is None:
+    raise base.NotApplicable('no checkpoint yet, so no trained generator')
   grid = sample_grid(build_generator(config, data), _generator_variables(state),
                      fixed_latents(config))
   return {'samples': (grid, f'{config.ssl_gan.num_samples} generated images for fixed latent '
@@ -284,10 +287,10 @@ def steps_per_epoch(config, data) -> int:
   return base.unlabeled_epoch_steps(config, data, batch_split(config)[1])
 
 
-def build(config, data, num_steps: int) -> base.Method:
+def build(config, data, steps: base.Steps) -> base.Method:
   cfg = config.ssl_gan
+  num_steps = steps.total
   labeled, unlabeled = batch_split(config)
-  epoch_steps = steps_per_epoch(config, data)
   spec = augment.AugmentSpec.from_config(config.augment)
   preprocess = network.Preprocess(spec, data.mean, data.std)
   disc_model = network.build_model(config, data.num_classes)
@@ -323,5 +326,17 @@ def build(config, data, num_steps: int) -> base.Method:
                                    settings=settings),
       predict=functools.partial(predict, preprocess=preprocess),
       reported_model='discriminator_ema', labeled_batch=labeled, unlabeled_batch=unlabeled,
-      steps_per_epoch=epoch_steps, on_eval=on_eval,
+      on_eval=on_eval,
       on_log=CollapseWatch(cfg.collapse_fraction, cfg.collapse_logs, cfg.collapse_stop))
+
+
+def reported(state: GanState, config, data) -> base.Reported:
+  """The Polyak average of the discriminator, the reported classifier."""
+  del config, data
+  return base.Reported({'params': state.discriminator_ema.average,
+                        'batch_stats': state.discriminator.batch_stats})
+
+
+METHOD = base.register(base.Definition(
+    name='ssl_gan', summary='a K+1-class discriminator against a generator (feature matching)',
+    steps_per_epoch=steps_per_epoch, build=build, reported=reported, pictures=pictures))

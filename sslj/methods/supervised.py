@@ -49,9 +49,9 @@ def steps_per_epoch(config, data) -> int:
   return max(1, -(-len(data.labeled_images) // config.batch_size))
 
 
-def build(config, data, num_steps: int) -> base.Method:
+def build(config, data, steps: base.Steps) -> base.Method:
   """The supervised baseline as a `Method` for the training loop."""
-  tx = optim.make_optimizer(config.optimizer, num_steps)
+  tx = optim.make_optimizer(config.optimizer, steps.total)
   model = network.build_model(config, data.num_classes)
   spec = augment.AugmentSpec.from_config(config.augment)
   preprocess = network.Preprocess(spec, data.mean, data.std)
@@ -65,5 +65,9 @@ def build(config, data, num_steps: int) -> base.Method:
       train_step=functools.partial(train_step, preprocess=preprocess),
       predict=functools.partial(predict, preprocess=preprocess),
       reported_model='model',
-      labeled_batch=config.batch_size, unlabeled_batch=0,
-      steps_per_epoch=steps_per_epoch(config, data))
+      labeled_batch=config.batch_size, unlabeled_batch=0)
+
+
+METHOD = base.register(base.Definition(
+    name='supervised', summary='cross-entropy on the labeled images only (the baseline)',
+    steps_per_epoch=steps_per_epoch, build=build))

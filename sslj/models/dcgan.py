@@ -22,7 +22,7 @@ Measured with `python -m benchmarks.gan_generator --batch=100 --steps=20
   28x28x1: transpose     36 img/s   resize   107 img/s
   32x32x3: transpose     81 img/s   resize   115 img/s
 'transpose' stays the model's default (the DCGAN one, and the faster at 8x8);
-configs/ssl_gan.py selects 'resize' for every dataset but digits. XLA:CPU's
+the semi-supervised GAN's config selects 'resize' for every dataset but digits. XLA:CPU's
 transposed convolutions are slow although resize-convolution does 4x the
 multiply-adds of the last stages at equal kernel size.
 

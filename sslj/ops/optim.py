@@ -13,33 +13,39 @@ from sslj.errors import UserError
 
 
 def learning_rate(cfg, num_steps: int) -> optax.Schedule:
-  """`cfg.schedule` in {'cosine', 'fixmatch_cosine', 'constant'}, after
-  `cfg.warmup_steps` of linear warm-up.
+  """`cfg.schedule`, a name in `SCHEDULES`, after `cfg.warmup_steps` of linear warm-up.
 
   Cosine annealing to zero over the run (Loshchilov & Hutter 2017, SGDR without
-  restarts) is what both reports used; FixMatch's truncated cosine is
-  'fixmatch_cosine'.
+  restarts) is what both reports used; 'truncated_cosine' stops at 7/16 of
+  the half period (FixMatch's). A method may register its own names
+  (`register_schedule`).
   References: Loshchilov & Hutter 2017, "SGDR: stochastic gradient descent with warm restarts".
   """
   warmup = min(cfg.warmup_steps, max(num_steps - 1, 0))
-  if cfg.schedule == 'cosine':
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else cfg.learning_rate,
-        peak_value=cfg.learning_rate, warmup_steps=warmup,
-        decay_steps=max(num_steps, warmup + 1), end_value=0.0)
-  if cfg.schedule == 'constant':
-    if not warmup:
-      return optax.constant_schedule(cfg.learning_rate)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.learning_rate, warmup),
-         optax.constant_schedule(cfg.learning_rate)], [warmup])
-  if cfg.schedule == 'fixmatch_cosine':
-    return fixmatch_cosine(cfg.learning_rate, num_steps, warmup)
-  raise UserError(f"optimizer.schedule='{cfg.schedule}' is unknown; use 'cosine', "
-                  "'fixmatch_cosine' or 'constant'.")
+  if cfg.schedule not in SCHEDULES:
+    raise UserError(f"optimizer.schedule='{cfg.schedule}' is unknown; use one of "
+                    f"{', '.join(SCHEDULES)}.")
+  return SCHEDULES[cfg.schedule](cfg.learning_rate, num_steps, warmup)
 
 
-def fixmatch_cosine(peak: float, num_steps: int, warmup_steps: int = 0) -> optax.Schedule:
+def cosine(peak: float, num_steps: int, warmup_steps: int = 0) -> optax.Schedule:
+  """Cosine annealing from `peak` to zero over the run, after a linear warm-up from zero."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup_steps else peak, peak_value=peak, warmup_steps=warmup_steps,
+      decay_steps=max(num_steps, warmup_steps + 1), end_value=0.0)
+
+
+def constant(peak: float, num_steps: int, warmup_steps: int = 0) -> optax.Schedule:
+  """`peak` throughout, after a linear warm-up from zero."""
+  del num_steps
+  if not warmup_steps:
+    return optax.constant_schedule(peak)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup_steps), optax.constant_schedule(peak)],
+      [warmup_steps])
+
+
+def truncated_cosine(peak: float, num_steps: int, warmup_steps: int = 0) -> optax.Schedule:
   """lr(k) = peak * cos(7 pi k / (16 K)) over K steps (after any linear warm-up).
 
   It ends at cos(7 pi / 16) ~ 0.2 of the peak rather than at zero.
@@ -59,8 +65,18 @@ def fixmatch_cosine(peak: float, num_steps: int, warmup_steps: int = 0) -> optax
       [optax.linear_schedule(0.0, peak, warmup_steps), schedule], [warmup_steps])
 
 
-# The names `optimizer.schedule` and `optimizer.name` accept.
-SCHEDULES = ('cosine', 'constant', 'fixmatch_cosine')
+# `optimizer.schedule` name -> (peak, num_steps, warmup_steps) -> optax schedule.
+SCHEDULES = {'cosine': cosine, 'constant': constant, 'truncated_cosine': truncated_cosine}
+
+
+def register_schedule(name: str, make) -> None:
+  """Adds a schedule name (a method's own name for one of these schedules, say)."""
+  if SCHEDULES.get(name, make) is not make:
+    raise ValueError(f'two schedules are registered as {name!r}')
+  SCHEDULES[name] = make
+
+
+# The names `optimizer.name` accepts.
 OPTIMIZERS = ('sgd', 'adam')
 
 

@@ -96,7 +96,7 @@ def evaluate(workdir: str, *, step: int | None = None, split: str = 'test',
   writable = preflight.can_write(workdir) if os.path.isdir(workdir) else True
   if not writable:
     logging.warning('%s cannot be written: the evaluation is printed, not saved.', workdir)
-  run = restore.restore(workdir, step, need_network=with_probes)
+  run = restore.restore(workdir, step)
   evaluated = restore.eval_set(run, dataset, split)
   models = model_scores(run, evaluated.images, evaluated.labels)
   if run.method.finalize is not None:

@@ -86,8 +86,8 @@ def export(workdir: str, *, step: int | None = None, out: str | None = None) -> 
   from sslj.use import restore  # pylint: disable=g-import-not-at-top  (needs tfds)
   out = out or os.path.join(os.path.abspath(workdir), DEFAULT_FOLDER)
   check_out(out)  # Before anything is loaded.
-  run = restore.restore(workdir, step, need_network=True)
-  if run.config.method in reported.FEATURES_ONLY:
+  run = restore.restore(workdir, step)
+  if not run.network.classifies:
     raise UserError(f"{run.config.method}'s network classifies surrogate classes or clusters, "
                     'not the dataset\'s classes, so there are no class logits to export; use '
                     '--mode=probe to score its features.')

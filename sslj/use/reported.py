@@ -2,91 +2,38 @@
 
 A training state holds whatever a method needs to train (a student and its
 weight-averaged teacher, optimiser moments, ...); using a run needs only the
-one network its `results.json` reports. Each gradient method names that
-network with one small hook, `(state, config) -> (variables, num_heads)`,
-registered in `HOOKS`: the variables (`params` and `batch_stats`) to apply
-the run's model to, and how many heads that model has (Mean Teacher's dual
-output has two; class logits are always head 0). Features, logits, probes
-and exports all go through `ReportedNetwork`, so they agree by construction,
-and the tests check each hook against the method's own `predict`.
-
-A new gradient method adds its hook here (a few lines reading its state
-fields).
+one network its `results.json` reports. Each gradient method declares it in
+its registration (`sslj.methods.base.Definition.reported`, by default the
+state's own `params` and `batch_stats`): the variables to apply the run's
+model to, how many heads that model has (class logits are always head 0),
+whether its head classifies the dataset's classes, and any front end.
+Features, logits, probes and exports all go through `ReportedNetwork`, so
+they agree by construction; the contract test checks every method's logits
+against its own `predict`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-from sslj import parallel
+from sslj import methods, parallel
 from sslj.data import augment
 from sslj.errors import UserError
 from sslj.methods import network
-
-
-def _supervised(state, config):
-  del config
-  return {'params': state.params, 'batch_stats': state.batch_stats}, 1
-
-
-def _mean_teacher(state, config):
-  # The teacher is what Mean Teacher reports: the weight average with the
-  # BatchNorm statistics of its own forward passes.
-  heads = 2 if config.mean_teacher.logit_distance_cost > 0 else 1
-  return {'params': state.teacher.average, 'batch_stats': state.teacher_batch_stats}, heads
-
-
-def _fixmatch(state, config):
-  # The EMA of the parameters and BatchNorm statistics.
-  del config
-  return dict(state.ema.average), 1
-
-
-def _ssl_gan(state, config):
-  # The Polyak average of the discriminator is the reported classifier.
-  del config
-  return {'params': state.discriminator_ema.average,
-          'batch_stats': state.discriminator.batch_stats}, 1
-
-
-def _feature_network(state, config):
-  # Exemplar-CNN and DeepCluster: the trained network, whose head classifies
-  # surrogate classes or clusters; only its features are used.
-  del config
-  return {'params': state.params, 'batch_stats': getattr(state, 'batch_stats', {})}, 1
-
-
-# Methods whose network classifies something other than the dataset's classes
-# (surrogate classes, clusters): their features can be probed, their logits
-# mean nothing for the test classes, so they are not exported.
-FEATURES_ONLY = ('deep_cluster', 'exemplar_cnn')
-
-# method name -> hook(state, config) -> (variables of the reported network, num_heads)
-HOOKS: dict[str, Callable[[Any, Any], tuple[dict, int]]] = {
-    'supervised': _supervised,
-    'fixmatch': _fixmatch,
-    'pseudo_label': _supervised,
-    'kmeans_pseudo_label': _supervised,
-    'mean_teacher': _mean_teacher,
-    'ssl_gan': _ssl_gan,
-    'deep_cluster': _feature_network,
-    'exemplar_cnn': _feature_network,
-}
-
-
-def supported() -> tuple[str, ...]:
-  return tuple(sorted(HOOKS))
+from sslj.ops import front_ends
 
 
 def check_supported(method: str) -> None:
-  if method not in HOOKS:
-    raise UserError(f"method '{method}' has no reported-network hook yet, so its runs cannot be "
-                    f"evaluated, probed or exported; supported: {', '.join(supported())}.")
+  """UserError unless runs of `method` have a reported network (pipelines have none)."""
+  if methods.get(method).is_pipeline:
+    supported = ', '.join(name for name, d in methods.registry().items() if not d.is_pipeline)
+    raise UserError(f"method '{method}' is not trained by gradient steps and keeps no network, "
+                    f'so its runs cannot be evaluated, probed or exported; methods that can: '
+                    f'{supported}.')
 
 
 def class_logits(outputs):
@@ -103,57 +50,68 @@ class ReportedNetwork:
     variables: {'params', 'batch_stats'}.
     preprocess: uint8 images -> normalised inputs, as in evaluation.
     model_config: {'name', 'dtype', 'num_heads'} and optionally 'options'
-      (further keywords of `sslj.models.build`) and 'front_end' ('sobel'):
-      with num_classes, what rebuilds `model` and its input.
+      (further keywords of `sslj.models.build`) and 'front_end' (a name in
+      `sslj.ops.front_ends.FRONT_ENDS`): with num_classes, what rebuilds
+      `model` and its input.
     num_classes: logits per head.
+    classifies: whether the head's logits are the dataset's classes (False:
+      clusters or surrogate classes; only the features mean something).
   """
   model: nn.Module
-  variables: Any
+  variables: dict
   preprocess: network.Preprocess
   model_config: dict
   num_classes: int
+  classifies: bool = True
 
   def logits(self, variables, images):
     """Class logits [B, num_classes] of uint8 images [B, H, W, C]; pure, jit it."""
-    outputs = self.model.apply(variables, self.preprocess.eval(images), train=False)
+    outputs = self.model.apply(variables, self.inputs(images), train=False)
     return class_logits(outputs)
 
   def features(self, variables, images):
     """Pooled float32 features [B, D] of uint8 images [B, H, W, C]; pure, jit it."""
+    return self.model.apply(variables, self.inputs(images), train=False, return_features=True)
+
+  def inputs(self, images):
+    """What the network reads: normalised images, through the front end if any."""
     x = self.preprocess.eval(images)
-    if self.model_config.get('front_end') == 'sobel':  # DeepCluster's optional front end
-      from sslj.methods import deep_cluster  # pylint: disable=g-import-not-at-top
-      x = deep_cluster.sobel(x)
-    return self.model.apply(variables, x, train=False, return_features=True)
+    front_end = self.model_config.get('front_end')
+    return front_ends.FRONT_ENDS[front_end](x) if front_end else x
 
 
-def build_network(model_config: dict, num_classes: int, variables, preprocess) -> ReportedNetwork:
+def build_network(model_config: dict, num_classes: int, variables, preprocess,
+                  classifies: bool = True) -> ReportedNetwork:
   """A ReportedNetwork from a model config, as the run's config or an export gives it."""
   from sslj import models  # pylint: disable=g-import-not-at-top
+  front_end = model_config.get('front_end')
+  if front_end and front_end not in front_ends.FRONT_ENDS:
+    raise UserError(f"front end '{front_end}' is unknown; known: "
+                    f"{', '.join(front_ends.FRONT_ENDS)}.")
   model = models.build(model_config['name'], num_classes=num_classes,
                        dtype=network.compute_dtype(model_config['dtype']),
                        num_heads=model_config['num_heads'],
                        **model_config.get('options', {}))
   return ReportedNetwork(model=model, variables=variables, preprocess=preprocess,
-                         model_config=dict(model_config), num_classes=num_classes)
+                         model_config=dict(model_config), num_classes=num_classes,
+                         classifies=classifies)
 
 
 def reported_network(config, data, state) -> ReportedNetwork:
-  """The reported network of a restored run's state."""
+  """The reported network of a restored run's state (`Definition.reported`)."""
   check_supported(config.method)
-  variables, num_heads = HOOKS[config.method](state, config)
+  declared = methods.get(config.method).reported(state, config, data)
   preprocess = network.Preprocess(augment.AugmentSpec.from_config(config.augment), data.mean,
                                   data.std)
-  model_config = {'name': config.model.name, 'dtype': config.model.dtype, 'num_heads': num_heads}
-  options = network.model_options(config)
+  model_config = {'name': config.model.name, 'dtype': config.model.dtype,
+                  'num_heads': declared.num_heads}
+  options = {**network.model_options(config), **declared.model_options}
   if options:
     model_config['options'] = options
-  if config.method == 'deep_cluster' and config.deep_cluster.sobel:
-    model_config['front_end'] = 'sobel'
-  if config.method == 'exemplar_cnn':  # its fc layer spans the training patch
-    from sslj.methods import exemplar_cnn  # pylint: disable=g-import-not-at-top
-    model_config['options'] = {**options, 'input_size': exemplar_cnn.patch_size(config, data)}
-  return build_network(model_config, data.num_classes, variables, preprocess)
+  if declared.front_end:
+    model_config['front_end'] = declared.front_end
+  return build_network(model_config, data.num_classes, declared.variables, preprocess,
+                       classifies=declared.classifies)
 
 
 def apply_in_batches(fn, args, images: np.ndarray, mesh, batch_size: int) -> np.ndarray:

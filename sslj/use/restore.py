@@ -4,7 +4,7 @@ Everything is rebuilt the way `sslj.train` built it, so a restored state
 computes exactly what it computed in training: the config from
 `DIR/config.json`, the dataset and its labelled split from that config (the
 normalisation statistics come from the training split, as in training), the
-method from `methods.get(config.method).build(config, data, num_steps)` and
+method from `methods.get(config.method).make(config, data)` and
 the state from the Orbax checkpoint of the asked-for step.
 
 Cheap checks (config present, method known and checkpointed, checkpoint
@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sslj import checkpoint, methods, parallel, train
+from sslj import checkpoint, methods, parallel
 from sslj.data import sources, splits
 from sslj.errors import UserError
 from sslj.methods import base
@@ -58,7 +58,7 @@ class RestoredRun:
 
   @property
   def network(self) -> reported.ReportedNetwork:
-    """The reported network (teacher for Mean Teacher) as variables + module."""
+    """The reported network (`Definition.reported`) as variables + module."""
     return reported.reported_network(self.config, self.data, self.state)
 
 
@@ -82,15 +82,13 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def check_restorable(config, *, need_network: bool) -> None:
-  """UserError unless the run's method keeps a checkpoint (and, if asked, has a network hook)."""
-  module = methods.get(config.method)
-  if hasattr(module, 'run_pipeline'):
+def check_restorable(config) -> None:
+  """UserError unless the run's method keeps a checkpoint (every method that does has a
+  reported network)."""
+  if methods.get(config.method).is_pipeline:
     raise UserError(f"method '{config.method}' is not trained by gradient steps and keeps no "
                     'checkpoint; eval, probe, predict and export need a run of a gradient '
                     'method.')
-  if need_network:
-    reported.check_supported(config.method)
 
 
 def checkpoint_step(ckpt: checkpoint.Checkpointer, step: int | None, workdir: str) -> int:
@@ -121,11 +119,8 @@ def load_data(config) -> tuple[sources.ArraySplits, splits.SemiSupervisedData]:
   return arrays, data
 
 
-def restore(workdir: str, step: int | None = None, *, need_network: bool = False) -> RestoredRun:
+def restore(workdir: str, step: int | None = None) -> RestoredRun:
   """Rebuilds the run in `workdir` at checkpoint `step` (default: the latest).
-
-  `need_network`: the caller will use `RestoredRun.network` (features,
-  export), so a method without a reported-network hook is refused up front.
 
   Raises:
     UserError: no config.json, a method without a checkpointed network, no
@@ -133,7 +128,7 @@ def restore(workdir: str, step: int | None = None, *, need_network: bool = False
   """
   workdir = os.path.abspath(workdir)
   config = read_config(workdir)
-  check_restorable(config, need_network=need_network)
+  check_restorable(config)
   # Checked before constructing the Checkpointer, which would create the folder.
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise UserError(f'{workdir} has no checkpoint yet: train it first (--mode=train).')
@@ -142,8 +137,7 @@ def restore(workdir: str, step: int | None = None, *, need_network: bool = False
   try:
     step = checkpoint_step(ckpt, step, workdir)
     arrays, data = load_data(config)
-    module = methods.get(config.method)
-    method = module.build(config, data, train.num_steps_for(config, module, data))
+    method = methods.get(config.method).make(config, data)
     parallel.check_divisible(config.eval_batch_size, 'eval_batch_size')
     mesh = parallel.make_mesh()
     replicated = parallel.replicated(mesh)

@@ -9,39 +9,41 @@ writes into `DIR/pictures/` (or `--out`) one PNG per picture that applies to
 the run's method, and `index.html` showing them with captions that say what
 each is and which checkpoint or file it comes from:
 
-  curves.png            loss and top-1 against steps (Mean Teacher: student
-                        and teacher top-1 on the same axes)
+  curves.png            loss and top-1 against steps (a method that declares
+                        `compare_models`, e.g. a student and its weight
+                        average, gets both top-1 curves on the same axes)
   tsne.png              t-SNE of a test subsample from raw pixels and from the
                         learned representation, coloured by class
   confusion.png         the reported model on the whole test split
   filters.png           the reported network's first-layer convolution filters
-  centroids.png         k-means centroids (kmeans_svm), un-whitened, and
-  centroids_whitened.png  as k-means found them
+  centroids.png         k-means patch centroids saved in DIR/centroids.npz,
+  centroids_whitened.png  un-whitened, and as k-means found them
   augmentations.png     one training image and draws of the run's augmentation
-  exemplar_patches.png  Exemplar-CNN seed patches and their transformations
-  <method>_<name>.png   pictures of the method's own `pictures` hook
+  <method>_<name>.png   the method's own pictures (`Definition.pictures`)
 
 A picture that does not apply (no checkpoint yet, no centroids, a method
 without a reported network) is skipped with its reason in the log and on the
 page; it never stops the others. Drawing uses matplotlib's Agg canvas and
 Pillow: no display is needed.
 
-The `pictures` hook. A method module (`sslj/methods/<name>.py`) may define
+A method's own pictures. A method's registration
+(`sslj.methods.base.Definition`) may declare
 
-  def pictures(state, config, data) -> dict[str, np.ndarray | tuple[np.ndarray, str]]
+  pictures(state, config, data, seed) -> dict[str, np.ndarray | tuple[np.ndarray, str]]
 
-viz calls it with the restored training state, the run's config and its
-`sslj.data.splits.SemiSupervisedData` (only when a checkpoint exists), and
-writes each returned uint8 image ([H, W] grey, [H, W, 1|3|4]) as
-`<method>_<name>.png`, upscaled (nearest neighbour) to at least 400 pixels
-wide. A value may be `(image, caption)` to caption it; a bad value is
-skipped with its reason, the rest are kept. This is where a GAN draws its
-generated samples: e.g. `{'samples': grid}` with `grid` a tiling
-(`sslj.viz.grids.tile`) of the generator's outputs for fixed latent vectors.
+viz calls it with the restored training state (None before the first
+checkpoint), the run's config, its `sslj.data.splits.SemiSupervisedData` and
+the page's seed, and writes each returned uint8 image ([H, W] grey,
+[H, W, 1|3|4]) as `<method>_<name>.png`, upscaled (nearest neighbour) to at
+least 400 pixels wide. A value may be `(image, caption)` to caption it; a bad
+value is skipped with its reason, the rest are kept; a hook that cannot draw
+yet raises `base.NotApplicable` with the reason. GAN samples, FixMatch's weak
+and strong views and Exemplar-CNN's surrogate classes are drawn there, with
+`sslj.ops.image_grid.tile`.
 
 Modules: `drawing` (the order of pictures and the command), `context` (the run
 loaded once), `pictures` (image grids), `tsne`, `curves` (curves and the
-confusion matrix), `grids` (tiling), `page` (index.html).
+confusion matrix), `page` (index.html).
 """
 
 

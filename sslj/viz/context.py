@@ -21,6 +21,7 @@ import ml_collections
 from sslj import methods
 from sslj.data import sources, splits
 from sslj.errors import UserError
+from sslj.methods import base
 from sslj.use import reported, restore
 
 
@@ -50,7 +51,7 @@ class Context:
     workdir: the run directory.
     out_dir: where pictures and index.html go.
     config: the run's config (from config.json).
-    module: the run's method module (`sslj.methods.<name>`).
+    method: the run's registered method (`sslj.methods.base.Definition`).
     options: command-line options.
     results: results.json, or None before the run has finished.
     run: the restored run (state at a checkpoint), or None.
@@ -61,7 +62,7 @@ class Context:
   workdir: str
   out_dir: str
   config: ml_collections.ConfigDict
-  module: Any
+  method: base.Definition
   options: Options
   results: dict | None = None
   run: restore.RestoredRun | None = None
@@ -74,7 +75,7 @@ class Context:
   @property
   def is_pipeline(self) -> bool:
     """A method that is not trained by gradient steps (k-means + SVM): no checkpoint."""
-    return hasattr(self.module, 'run_pipeline')
+    return self.method.is_pipeline
 
   def need_data(self) -> splits.SemiSupervisedData:
     if self.data is None:
@@ -87,7 +88,7 @@ class Context:
     return self.run
 
   def network(self) -> reported.ReportedNetwork:
-    """The reported network of the restored state; Skip if the method has no hook."""
+    """The reported network of the restored state; Skip if the method has none."""
     run = self.need_run()
     if self._network is None:
       try:
@@ -126,10 +127,10 @@ def load(workdir: str, *, step: int | None, out_dir: str, options: Options) -> C
     raise UserError(f'{workdir} does not exist: pass the --workdir of a run made with '
                     '--mode=train.')
   config = restore.read_config(workdir)
-  module = methods.get(config.method)
+  method = methods.get(config.method)
   if step is not None and step < 0:
     raise UserError(f'--step={step} must be a checkpoint step (>= 0).')
-  ctx = Context(workdir=workdir, out_dir=out_dir, config=config, module=module, options=options,
+  ctx = Context(workdir=workdir, out_dir=out_dir, config=config, method=method, options=options,
                 results=_read_results(workdir))
   if ctx.is_pipeline:
     if step is not None:

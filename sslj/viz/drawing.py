@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from sslj.errors import UserError
+from sslj.methods import base
 from sslj.use import reported
 from sslj.viz import context, page, pictures
 from sslj.viz.context import Context, Options, Skip
@@ -41,11 +42,13 @@ def curves_picture(ctx: Context) -> list:
              'top-1 of every model the run evaluates, and (dashed) the top-1 the method logs on '
              'its training batches (train_top1).')
   top1 = numbers['top1']
-  if 'student' in top1 and 'teacher' in top1:
-    ahead, stays = curves.teacher_lead(top1['student'], top1['teacher'])
-    numbers['teacher_ahead_at'], numbers['teacher_ahead_from'] = ahead, stays
-    caption += (f' Mean Teacher: student and teacher share the axes; the teacher is ahead at '
-                f'{len(ahead)} of {len(top1["teacher"])} evaluations'
+  pair = ctx.method.compare_models
+  if pair is not None and pair[0] in top1 and pair[1] in top1:
+    trained, averaged = pair
+    ahead, stays = curves.teacher_lead(top1[trained], top1[averaged])
+    numbers['averaged_ahead_at'], numbers['averaged_ahead_from'] = ahead, stays
+    caption += (f" '{trained}' and '{averaged}' share the axes; '{averaged}' is ahead at "
+                f'{len(ahead)} of {len(top1[averaged])} evaluations'
                 + (f', first at step {ahead[0]}' if ahead else '')
                 + (f', and at every one from step {stays} to the end.' if stays is not None
                    else ', and not at the last.'))
@@ -58,8 +61,13 @@ def curves_picture(ctx: Context) -> list:
 
 def trained_features(ctx: Context, images: np.ndarray) -> tuple[str, np.ndarray, str]:
   """(panel name, features [n, D], source) of the run's learned representation."""
-  if ctx.config.method == 'kmeans_svm':
-    return _kmeans_features(ctx, images)
+  if ctx.is_pipeline:
+    if ctx.method.features is None:
+      raise Skip(f'{ctx.config.method} declares no learned features')
+    try:
+      return ctx.method.features(ctx.config, ctx.workdir, images)
+    except base.NotApplicable as e:
+      raise Skip(str(e)) from None
   run = ctx.need_run()
   net = ctx.network()
   fn = reported.replicated_outputs(net.features, run.mesh)
@@ -67,23 +75,6 @@ def trained_features(ctx: Context, images: np.ndarray) -> tuple[str, np.ndarray,
                                     ctx.config.eval_batch_size)
   return (f"pooled features of the trained '{run.method.reported_model}'", feats,
           ctx.checkpoint_source())
-
-
-def _kmeans_features(ctx: Context, images: np.ndarray):
-  from sslj.methods import kmeans_features as kf  # pylint: disable=g-import-not-at-top
-  from sslj.ops import whitening  # pylint: disable=g-import-not-at-top
-  path = os.path.join(ctx.workdir, 'centroids.npz')
-  if not os.path.exists(path):
-    raise Skip('no centroids.npz yet, so no k-means features')
-  with np.load(path) as z:
-    encoder = kf.Encoder(whitening.ZCAWhitening(z['zca_mean'], z['zca_matrix']), z['centroids'])
-  cfg = ctx.config.kmeans_features
-  feats = kf.extract_features(images, encoder, patch=cfg.patch_size, stride=cfg.stride,
-                              normalize_eps=cfg.normalize_eps, budget_mb=cfg.chunk_mb,
-                              kinds=('triangle',))['triangle']
-  # The SVM sees standardised features; so does the map.
-  feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-6)
-  return 'k-means triangle features (standardised)', feats, 'centroids.npz'
 
 
 def tsne_picture(ctx: Context) -> list:
@@ -126,6 +117,11 @@ def confusion_picture(ctx: Context) -> list:
   run = ctx.need_run()
   data = run.data
   name = run.method.reported_model
+  net = ctx.network()
+  if not net.classifies:
+    raise Skip(f"the network's head classifies clusters or surrogate classes, not the test "
+               f"classes; the reported model ('{name}') is fitted on its features after "
+               'training and its accuracy is in results.json')
   predicted = jax.eval_shape(run.method.predict, run.state, data.test_images[:1])
   if name not in predicted:
     # The reported model is fitted after training (Method.finalize, e.g. a
@@ -133,7 +129,6 @@ def confusion_picture(ctx: Context) -> list:
     # model, and drawing it under the reported name would be wrong.
     raise Skip(f"the reported model ('{name}') is fitted on the features after training "
                "and is not the network's output; its accuracy is in results.json")
-  net = ctx.network()
   fn = reported.replicated_outputs(net.logits, run.mesh)
   logits = reported.apply_in_batches(fn, (net.variables,), data.test_images, run.mesh,
                                      ctx.config.eval_batch_size)
@@ -161,7 +156,6 @@ PICTURES = (
     ('filters', 'First-layer convolution filters', pictures.filters),
     ('centroids', 'k-means centroids', pictures.centroids),
     ('augmentations', 'Augmentation samples', pictures.augmentations),
-    ('exemplar_patches', 'Exemplar-CNN surrogate classes', pictures.exemplar_patches),
     ('method_pictures', "The method's own pictures", pictures.method_pictures),
 )
 

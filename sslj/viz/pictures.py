@@ -1,4 +1,4 @@
-"""Pictures that are grids of images: filters, centroids, augmentations, patches.
+"""Pictures that are grids of images: filters, centroids, augmentations, a method's own.
 
 Each function takes the loaded `Context`, writes its PNG file(s) into
 `ctx.out_dir` and returns `page` entries, or raises `context.Skip` when the
@@ -7,15 +7,11 @@ picture does not apply to the run.
 References:
   Coates, Lee & Ng, "An analysis of single-layer networks in unsupervised
     feature learning", AISTATS 2011 (k-means centroids as patches).
-  Dosovitskiy, Springenberg, Riedmiller & Brox, "Discriminative unsupervised
-    feature learning with convolutional neural networks", NIPS 2014
-    (surrogate classes of transformed seed patches).
 """
 
 from __future__ import annotations
 
 import collections.abc
-import dataclasses
 import functools
 import os
 import re
@@ -24,7 +20,8 @@ import jax
 import numpy as np
 
 from sslj.data import augment
-from sslj.viz import grids
+from sslj.methods import base
+from sslj.ops import image_grid as grids
 from sslj.viz.context import Context, Skip
 from sslj.viz.page import Picture, Skipped
 
@@ -33,8 +30,6 @@ CENTROID_PX = 30
 IMAGE_PX = 96         # an augmented image's side
 MAX_CENTROIDS = 400   # centroids shown (the first ones stored)
 NUM_AUGMENTATIONS = 31
-EXEMPLAR_SEEDS = 8
-EXEMPLAR_TRANSFORMS = 11
 HOOK_MIN_WIDTH = 400  # a method's own picture is upscaled to at least this width
 RANDOM_FILTERS = 2000  # i.i.d. Gaussian filters drawn for the smoothness reference
 
@@ -101,14 +96,8 @@ def random_neighbour_correlation(shape: tuple[int, int, int]) -> np.ndarray:
 def filters(ctx: Context) -> list:
   """First-layer convolution filters of the reported network, each normalised on its own."""
   run = ctx.need_run()
-  try:
-    params = ctx.network().variables['params']
-    whose = f"the reported network ('{run.method.reported_model}')"
-  except Skip:
-    params = getattr(run.state, 'params', None)
-    if params is None:
-      raise
-    whose = 'the trained network (state.params; the method has no reported-network hook)'
+  params = ctx.network().variables['params']
+  whose = f"the reported network ('{run.method.reported_model}')"
   channels = ctx.need_data().labeled_images.shape[-1]
   kernels = conv_kernels(params, channels)
   if not kernels:
@@ -159,12 +148,15 @@ def _patch_shape(saved: dict, d: int, channels: int | None) -> tuple[int, int, i
 
 
 def centroids(ctx: Context) -> list:
-  """k-means centroids of a kmeans_svm run as p x p patches (`DIR/centroids.npz`)."""
+  """k-means centroids as p x p patches, from the run's `DIR/centroids.npz`.
+
+  A method that learns patch centroids saves them there (arrays 'centroids'
+  [K, p*p*C], and optionally 'zca_mean', 'zca_matrix' and 'patch_shape').
+  """
   path = os.path.join(ctx.workdir, 'centroids.npz')
   if not os.path.exists(path):
-    if ctx.config.method == 'kmeans_svm':
-      raise Skip('no centroids.npz in the run directory yet (k-means has not finished)')
-    raise Skip(f'only kmeans_svm runs learn centroids; this is a {ctx.config.method} run')
+    raise Skip('no centroids.npz in the run directory (methods that learn k-means patch '
+               'centroids save them there when k-means has finished)')
   with np.load(path) as z:
     saved = {k: z[k] for k in z.files}
   cents = np.asarray(saved['centroids'], np.float64)
@@ -207,13 +199,6 @@ def centroids(ctx: Context) -> list:
 _augment = jax.jit(augment.augment_batch, static_argnums=2)
 
 
-def _describe(spec: augment.AugmentSpec) -> str:
-  default = augment.AugmentSpec()
-  changed = [f'{f.name}={getattr(spec, f.name)}' for f in dataclasses.fields(spec)
-             if getattr(spec, f.name) != getattr(default, f.name)]
-  return ', '.join(changed) or 'none'
-
-
 def augmentations(ctx: Context) -> list:
   """One labelled training image and many draws of the run's own training augmentation."""
   data = ctx.need_data()
@@ -242,84 +227,30 @@ def augmentations(ctx: Context) -> list:
       'augmentations', 'augmentations.png', 'Augmentation samples',
       f"Top left, framed in red: labelled training image #{index} (class '{label}'). The other "
       f'{NUM_AUGMENTATIONS}: independent draws of the augmentation the run trains with '
-      f'({_describe(spec)}), as sslj.data.augment.augment_batch applies it on the devices.',
+      f'({spec.describe()}), as sslj.data.augment.augment_batch applies it on the devices.',
       "config.json's augment settings", grids.save_png(_path(ctx, 'augmentations'), grid),
       numbers={'index': index}, crisp=True)]
 
 
-def _exemplar_seeds(ctx: Context, module, data):
-  """(seed images, seed-window centres, where they come from)."""
-  state = ctx.run.state if ctx.run is not None else None
-  if state is not None and hasattr(state, 'seeds') and hasattr(state, 'seed_centers'):
-    return (np.asarray(jax.device_get(state.seeds)), np.asarray(jax.device_get(state.seed_centers)),
-            f'the seeds stored in the {ctx.checkpoint_source()}')
-  needed = ('select_seeds', 'seed_centers', 'patch_size')
-  missing = [n for n in needed if not hasattr(module, n)]
-  if missing:
-    raise Skip(f'no checkpoint with seeds ({ctx.run_reason}), and sslj.methods.exemplar_cnn '
-               f'has no public {", ".join(missing)} to draw them again')
-  patch = module.patch_size(ctx.config, data)
-  index, corners = module.select_seeds(data.unlabeled_images, ctx.config.exemplar.num_seeds,
-                                       patch, np.random.default_rng(ctx.config.seed))
-  seeds = data.unlabeled_images[index]
-  return (seeds, module.seed_centers(corners, patch, seeds.shape[1:3]),
-          "seeds drawn again as the method draws them (no checkpoint yet)")
-
-
-def exemplar_patches(ctx: Context) -> list:
-  """Exemplar-CNN surrogate classes: seed patches and random transformations of each."""
-  if ctx.config.method != 'exemplar_cnn':
-    raise Skip(f'only exemplar_cnn runs train on surrogate patches; this is a '
-               f'{ctx.config.method} run')
-  module = ctx.module
-  render = getattr(module, 'surrogate_batch', None)
-  if render is None or not hasattr(module, 'patch_size'):
-    raise Skip('sslj.methods.exemplar_cnn exposes no public surrogate_batch / patch_size '
-               'function to draw surrogate patches with')
-  data = ctx.need_data()
-  seeds, centers, source = _exemplar_seeds(ctx, module, data)
-  patch = module.patch_size(ctx.config, data)
-  spec = dataclasses.replace(augment.AugmentSpec.from_config(ctx.config.augment), out_size=patch)
-  draw = jax.jit(functools.partial(render, batch=EXEMPLAR_TRANSFORMS, spec=spec))
-  rng = np.random.default_rng(ctx.options.seed)
-  chosen = rng.choice(len(seeds), min(EXEMPLAR_SEEDS, len(seeds)), replace=False)
-  key = jax.random.key(ctx.options.seed)
-  rows, framed = [], []
-  h, w = seeds.shape[1:3]
-  for r, i in enumerate(chosen):
-    top, left = np.round(centers[i] + (np.array([h, w]) - 1) / 2 - (patch - 1) / 2).astype(int)
-    original = seeds[i, top:top + patch, left:left + patch].astype(np.float32) / 255
-    patches = np.asarray(draw(seeds[i:i + 1], centers[i:i + 1], jax.random.fold_in(key, r))[0])
-    framed.append(len(rows) * (EXEMPLAR_TRANSFORMS + 1))
-    rows.append(np.concatenate([original[None], patches]))
-  tiles = np.concatenate(rows)
-  grid = grids.tile(tiles, cols=EXEMPLAR_TRANSFORMS + 1, zoom=grids.zoom_for((patch, patch),
-                                                                           IMAGE_PX),
-                    framed=tuple(framed))
-  return [Picture(
-      'exemplar_patches', 'exemplar_patches.png', 'Exemplar-CNN surrogate classes',
-      f'{len(chosen)} of the {len(seeds)} surrogate classes, one per row: the {patch}x{patch} '
-      f'seed patch (framed in red) and {EXEMPLAR_TRANSFORMS} of its random transformations '
-      f'({_describe(spec)}), drawn with sslj.methods.exemplar_cnn.surrogate_batch as in training.',
-      source, grids.save_png(_path(ctx, 'exemplar_patches'), grid), crisp=True)]
-
-
 def method_pictures(ctx: Context) -> list:
-  """The method module's own `pictures(state, config, data)` hook (e.g. GAN samples)."""
-  hook = getattr(ctx.module, 'pictures', None)
-  name = ctx.module.__name__
+  """The method's own pictures (`Definition.pictures`: GAN samples, FixMatch's views, ...)."""
+  hook = ctx.method.pictures
+  name = ctx.config.method
   if hook is None:
-    raise Skip(f'{name} defines no pictures(state, config, data) hook (a GAN method draws '
-               'its generated samples there)')
-  run = ctx.need_run()
-  made = hook(run.state, ctx.config, run.data)
+    raise Skip(f'{name} declares no pictures of its own')
+  state = ctx.run.state if ctx.run is not None else None
+  try:
+    made = hook(state, ctx.config, ctx.need_data(), ctx.options.seed)
+  except base.NotApplicable as e:
+    raise Skip(str(e)) from None
   if not isinstance(made, collections.abc.Mapping):
-    raise TypeError(f'{name}.pictures returned {type(made).__name__}, not a dict of '
-                    '{name: uint8 image}')
+    raise TypeError(f'the pictures of {name} are a {type(made).__name__}, not a dict of '
+                    '{title: uint8 image}')
+  source = ctx.checkpoint_source() if state is not None else "the run's config and data"
   out = []
   for key, value in made.items():
     stem = f"{ctx.config.method}_{re.sub(r'[^A-Za-z0-9_-]+', '_', str(key))}"
-    caption = f'{key}, drawn by {name}.pictures from the restored state.'
+    caption = f'{key}, drawn by {name} from {source}.'
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str):
       value, caption = value
     try:
@@ -330,10 +261,9 @@ def method_pictures(ctx: Context) -> list:
       big = grids.upscale(image if image.ndim == 3 else image[..., None], HOOK_MIN_WIDTH)
       size = grids.save_png(_path(ctx, stem), big)
     except ValueError as e:
-      out.append(Skipped(stem, str(key), f'{name}.pictures gave a bad picture: {e}'))
+      out.append(Skipped(stem, str(key), f'the pictures of {name} gave a bad picture: {e}'))
       continue
-    out.append(Picture(stem, f'{stem}.png', str(key), caption, ctx.checkpoint_source(), size,
-                       crisp=True))
+    out.append(Picture(stem, f'{stem}.png', str(key), caption, source, size, crisp=True))
   if not out:
-    raise Skip(f'{name}.pictures returned no pictures')
+    raise Skip(f'the pictures of {name} are empty')
   return out

@@ -16,7 +16,6 @@ import math
 import os
 
 import numpy as np
-from PIL import Image
 
 GAP = 2
 BACKGROUND = (64, 64, 64)  # dark grey between tiles
@@ -103,6 +102,7 @@ def save_png(path: str, image: np.ndarray) -> tuple[int, int]:
   if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
     raise ValueError(f'a picture must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; '
                      f'got shape {image.shape}')
+  from PIL import Image  # pylint: disable=g-import-not-at-top  (only pictures need Pillow)
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   Image.fromarray(image).save(path, optimize=True)
   return image.shape[1], image.shape[0]
