@@ -12,6 +12,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from sslj import models
 from sslj.errors import UserError
 
 # Config-string keys every config accepts, with their defaults.
@@ -102,6 +103,7 @@ def base_config(method: str, args: ml_collections.ConfigDict) -> ml_collections.
   c.model.dropout_rate = 0.0
   # > 0 sets the first convolution's kernel side of small_cnn (its default: 3).
   c.model.first_kernel_size = 0
+  add_model_fields(c.model, args.model)
 
   c.augment = augment_for(args.dataset)
 
@@ -115,6 +117,25 @@ def base_config(method: str, args: ml_collections.ConfigDict) -> ml_collections.
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   return c
+
+
+# Placeholder types for the model fields a command line can set.
+_FIELD_TYPES = (bool, int, float, str, tuple)
+
+
+def add_model_fields(model_config: ml_collections.ConfigDict, name: str) -> None:
+  """Declares model `name`'s fields (`models.fields`) in `model_config` as None.
+
+  None keeps the model's own default; `--config.model.<field>=value` sets it
+  and reaches the model's constructor. Fields of other types (none today)
+  are left to the model's default.
+  """
+  for field, default in models.fields(name).items():
+    if field in model_config:
+      continue
+    kind = tuple if isinstance(default, list) else type(default)
+    if kind in _FIELD_TYPES:
+      model_config[field] = config_dict.placeholder(kind)
 
 
 def set_fields(config: ml_collections.ConfigDict, values: dict) -> None:
