@@ -30,8 +30,10 @@ from sslj.models.convlarge import ConvLarge
 from sslj.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from sslj.models import exemplar as _exemplar
 from sslj.models import resnet as _resnet
+from sslj.models import wide_resnet as _wide_resnet
 from sslj.models.resnet import ResNet
 from sslj.models.small_cnn import SmallCNN
+from sslj.models.wide_resnet import WideResNet
 
 
 class Preset(NamedTuple):
@@ -48,6 +50,7 @@ _REGISTRY: dict[str, Preset] = {
     'exemplar_large': Preset(_exemplar.ExemplarCNN, _exemplar.PRESETS['exemplar_large']),
     'dcgan_discriminator': Preset(DCGANDiscriminator, {}),
     **{f'resnet{d}': Preset(ResNet, fixed) for d, fixed in _resnet.PRESETS.items()},
+    **{name: Preset(WideResNet, fixed) for name, fixed in _wide_resnet.PRESETS.items()},
 }
 
 NAMES = tuple(_REGISTRY)
@@ -135,4 +138,5 @@ def build(name: str, *, num_classes: int, dtype: Any = jnp.float32,
 
 
 __all__ = ['GENERATORS', 'NAMES', 'build', 'build_generator', 'check_options', 'fields',
-           'ConvLarge', 'DCGANDiscriminator', 'DCGANGenerator', 'ResNet', 'SmallCNN']
+           'ConvLarge', 'DCGANDiscriminator', 'DCGANGenerator', 'ResNet', 'SmallCNN',
+           'WideResNet']
