@@ -19,12 +19,18 @@ from sslj.errors import UserError
 COMMON_ARGS = {'dataset': 'digits', 'labels_per_class': 'all', 'model': 'small_cnn',
                'seed': '0'}
 
+# The networks of the FixMatch/MixMatch benchmark tables, per dataset: the
+# `dataset_models` of the configs whose presets follow that code.
+WRN_BENCHMARK_MODELS = {'cifar10': 'wrn28_2', 'stl10': 'wrn37_2'}
 
-def parse_arg(arg: str | None, **extra_defaults) -> ml_collections.ConfigDict:
+
+def parse_arg(arg: str | None, dataset_models: dict | None = None,
+              **extra_defaults) -> ml_collections.ConfigDict:
   """Parses `key=value,key=value` into a ConfigDict of strings and ints.
 
   `labels_per_class=all` becomes None (every label). Unknown keys are an error
-  that lists the known ones.
+  that lists the known ones. `dataset_models` maps a dataset to the model its
+  preset trains when the string names no `model` (e.g. {'cifar10': 'wrn28_2'}).
   """
   defaults = dict(COMMON_ARGS, **extra_defaults)
   values = dict(defaults)
@@ -35,6 +41,9 @@ def parse_arg(arg: str | None, **extra_defaults) -> ml_collections.ConfigDict:
       raise UserError(f"config string item '{item}' is not key=value with a key in "
                       f"{sorted(defaults)}; e.g. configs/x.py:dataset=fashion_mnist,labels_per_class=10.")
     values[key] = value.strip()
+  named = {item.partition('=')[0].strip() for item in filter(None, (arg or '').split(','))}
+  if 'model' not in named and values['dataset'] in (dataset_models or {}):
+    values['model'] = dataset_models[values['dataset']]
   args = ml_collections.ConfigDict()
   for key, value in values.items():
     if key == 'labels_per_class':

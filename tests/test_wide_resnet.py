@@ -9,7 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from sslj import models
+from conftest import tiny_config
+from sslj import models, preflight
+from sslj.errors import UserError
 from sslj.methods import network
 from sslj.models import wide_resnet
 
@@ -171,3 +173,42 @@ def test_one_jitted_train_step_on_32x32_images():
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(new))
     assert any(not np.array_equal(a, b)
                for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)))
+
+
+@pytest.mark.parametrize('method', ['fixmatch', 'pseudo_label', 'mean_teacher'])
+def test_cifar10_and_stl10_presets_train_the_reference_networks(method):
+  cifar = tiny_config(method, 'dataset=cifar10,labels_per_class=25')
+  stl = tiny_config(method, 'dataset=stl10')
+  assert (cifar.model.name, stl.model.name) == ('wrn28_2', 'wrn37_2')
+  for config, groups in ((cifar, 3), (stl, 4)):
+    preflight.check_config(config)
+    assert network.build_model(config, 10, num_heads=2).groups == groups
+  # `model=` still picks another network; the CPU datasets keep theirs.
+  assert tiny_config(method, 'dataset=cifar10,model=resnet18').model.name == 'resnet18'
+  for dataset in ('digits', 'fashion_mnist'):
+    assert tiny_config(method, f'dataset={dataset}').model.name == 'small_cnn'
+
+
+def test_fixmatch_cifar10_25_labels_builds_a_wrn28_2():
+  config = tiny_config('fixmatch', 'dataset=cifar10,labels_per_class=25')
+  model = network.build_model(config, num_classes=10)
+  assert isinstance(model, wide_resnet.WideResNet)
+  assert (model.groups, model.blocks_per_group, model.widen_factor) == (3, 4, 2)
+  assert model.bn_momentum == 0.999
+  assert _count(_abstract_init(model, (1, 32, 32, 3))['params']) == 1_469_642
+
+
+def test_wrn_fields_reach_the_model_and_others_are_refused():
+  config = tiny_config('fixmatch', 'dataset=cifar10', **{'model.bn_momentum': 0.99})
+  assert network.model_options(config) == {'bn_momentum': 0.99}
+  assert network.build_model(config, 10).bn_momentum == 0.99
+  # A field the model lacks: one line naming the field and the allowed ones.
+  bad = tiny_config('fixmatch', 'dataset=cifar10', **{'model.first_kernel_size': 7})
+  with pytest.raises(UserError) as err:
+    preflight.check_config(bad)
+  line = str(err.value)
+  assert '\n' not in line
+  assert line == ('--config.model.first_kernel_size=7 is not allowed: model wrn28_2 has no '
+                  'field first_kernel_size; its fields are bn_momentum, dropout_rate.')
+  with pytest.raises(UserError, match='its fields are bn_momentum, dropout_rate'):
+    network.build_model(bad, 10)
