@@ -24,8 +24,14 @@ Presets (config string):
     supervised baseline's 71.18 +- 1.31; --config.num_steps=10000 gave 78.34
     at seed 0 (47 min) and was still rising. The paper's regime is far
     longer (2^20 steps of 64 + 448 images).
-  configs/fixmatch.py:dataset=cifar10,labels_per_class=25,model=resnet18
-    the paper's B = 64, mu = 7 (its 2^20 steps are num_steps=1048576).
+  configs/fixmatch.py:dataset=cifar10,labels_per_class=25
+    the paper's WRN-28-2 (`wrn28_2`, 1,469,642 parameters), B = 64, mu = 7
+    and 2^20 steps.
+  configs/fixmatch.py:dataset=stl10 (with --config.data.fold=0..9)
+    the same recipe on the 1,000 labels of an official fold, with the
+    paper's WRN-37-2 (`wrn37_2`, 5,933,770 parameters; see
+    sslj/models/wide_resnet.py for what that name means in its code).
+  Either takes another network with `model=` (e.g. model=resnet18).
 """
 
 from sslj import configlib
@@ -33,7 +39,7 @@ from sslj.data import randaugment
 
 
 def get_config(arg=None):
-  args = configlib.parse_arg(arg, labels_per_class='5')
+  args = configlib.parse_arg(arg, configlib.WRN_BENCHMARK_MODELS, labels_per_class='5')
   config = configlib.base_config('fixmatch', args)
   config.num_steps = 3000
   config.batch_size = 16        # labeled images per step (the paper's B)

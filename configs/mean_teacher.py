@@ -23,10 +23,12 @@ Presets (config string):
   configs/mean_teacher.py:dataset=stl10,labels_per_class=64,model=resnet152
     the report's recipe: SGD Nesterov 0.9, lr 0.02, weight decay 1e-4, cosine
     annealing, EMA 0.999, KL consistency, logit distance 0.01, 90 epochs.
+    Without `model=` the network is the FixMatch code's WRN-37-2 (`wrn37_2`).
   configs/mean_teacher.py:dataset=cifar10,labels_per_class=100,model=convlarge
     the paper's CIFAR-10 recipe: batch 100 with 50 labeled, MSE consistency
     weight 100 ramped up over 5 epochs, logit distance 0.01, EMA 0.99 (0.97
-    from 400 labels per class up), Gaussian input noise 0.15.
+    from 400 labels per class up), Gaussian input noise 0.15. Without
+    `model=` the same recipe trains the FixMatch code's WRN-28-2 (`wrn28_2`).
 """
 
 from ml_collections import config_dict
@@ -35,7 +37,7 @@ from sslj import configlib
 
 
 def get_config(arg=None):
-  args = configlib.parse_arg(arg, labels_per_class='5')
+  args = configlib.parse_arg(arg, configlib.WRN_BENCHMARK_MODELS, labels_per_class='5')
   config = configlib.base_config('mean_teacher', args)
   config.num_steps = 3000
   config.batch_size = 128

@@ -37,9 +37,37 @@ def parse_flags(argv):
     config_unreadable(e)
   except (KeyError, AttributeError, TypeError, ValueError) as e:
     # ml_collections reports a misspelt or mistyped `--config.x=y` this way.
+    lacking = missing_model_field(argv)
+    if lacking:
+      fail(lacking)
     if isinstance(e, KeyError) and e.args:
       fail(unknown_field(e))
     fail('bad config override: ' + ' '.join(str(e).split()))
+
+
+def missing_model_field(argv) -> str | None:
+  """The one line for a `--config.model.<field>=...` that the config's model
+  does not have, naming the fields it has; None if there is none."""
+  spec = next((a.partition('=')[2] for a in reversed(argv) if a.startswith('--config=')), '')
+  wanted = [n.partition('.')[2] for n in overridden_fields(argv) if n.startswith('model.')]
+  if not spec or not wanted:
+    return None
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from sslj import models  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(':')
+  try:  # the config file once more (it ran a moment ago), for its model
+    module_spec = importlib.util.spec_from_file_location('sslj_config_for_error', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    model = module.get_config(arg or None).model
+  except Exception:  # pylint: disable=broad-except
+    return None
+  lacking = sorted(f for f in wanted if f.partition('.')[0] not in model)
+  if not lacking:
+    return None
+  return (f'--config.model.{lacking[0]}: model {model.name} has no field {lacking[0]}; its '
+          f'fields are {", ".join(sorted(models.fields(model.name))) or "none"} (and name, '
+          'dtype); the config string picks the model, e.g. configs/x.py:model=resnet18.')
 
 
 def config_unreadable(error: OSError) -> None:

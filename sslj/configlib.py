@@ -12,18 +12,25 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from sslj import models
 from sslj.errors import UserError
 
 # Config-string keys every config accepts, with their defaults.
 COMMON_ARGS = {'dataset': 'digits', 'labels_per_class': 'all', 'model': 'small_cnn',
                'seed': '0'}
 
+# The networks of the FixMatch/MixMatch benchmark tables, per dataset: the
+# `dataset_models` of the configs whose presets follow that code.
+WRN_BENCHMARK_MODELS = {'cifar10': 'wrn28_2', 'stl10': 'wrn37_2'}
 
-def parse_arg(arg: str | None, **extra_defaults) -> ml_collections.ConfigDict:
+
+def parse_arg(arg: str | None, dataset_models: dict | None = None,
+              **extra_defaults) -> ml_collections.ConfigDict:
   """Parses `key=value,key=value` into a ConfigDict of strings and ints.
 
   `labels_per_class=all` becomes None (every label). Unknown keys are an error
-  that lists the known ones.
+  that lists the known ones. `dataset_models` maps a dataset to the model its
+  preset trains when the string names no `model` (e.g. {'cifar10': 'wrn28_2'}).
   """
   defaults = dict(COMMON_ARGS, **extra_defaults)
   values = dict(defaults)
@@ -34,6 +41,9 @@ def parse_arg(arg: str | None, **extra_defaults) -> ml_collections.ConfigDict:
       raise UserError(f"config string item '{item}' is not key=value with a key in "
                       f"{sorted(defaults)}; e.g. configs/x.py:dataset=fashion_mnist,labels_per_class=10.")
     values[key] = value.strip()
+  named = {item.partition('=')[0].strip() for item in filter(None, (arg or '').split(','))}
+  if 'model' not in named and values['dataset'] in (dataset_models or {}):
+    values['model'] = dataset_models[values['dataset']]
   args = ml_collections.ConfigDict()
   for key, value in values.items():
     if key == 'labels_per_class':
@@ -102,6 +112,7 @@ def base_config(method: str, args: ml_collections.ConfigDict) -> ml_collections.
   c.model.dropout_rate = 0.0
   # > 0 sets the first convolution's kernel side of small_cnn (its default: 3).
   c.model.first_kernel_size = 0
+  add_model_fields(c.model, args.model)
 
   c.augment = augment_for(args.dataset)
 
@@ -115,6 +126,25 @@ def base_config(method: str, args: ml_collections.ConfigDict) -> ml_collections.
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   return c
+
+
+# Placeholder types for the model fields a command line can set.
+_FIELD_TYPES = (bool, int, float, str, tuple)
+
+
+def add_model_fields(model_config: ml_collections.ConfigDict, name: str) -> None:
+  """Declares model `name`'s fields (`models.fields`) in `model_config` as None.
+
+  None keeps the model's own default; `--config.model.<field>=value` sets it
+  and reaches the model's constructor. Fields of other types (none today)
+  are left to the model's default.
+  """
+  for field, default in models.fields(name).items():
+    if field in model_config:
+      continue
+    kind = tuple if isinstance(default, list) else type(default)
+    if kind in _FIELD_TYPES:
+      model_config[field] = config_dict.placeholder(kind)
 
 
 def set_fields(config: ml_collections.ConfigDict, values: dict) -> None:

@@ -42,8 +42,10 @@ _ZERO_ALLOWED = ('num_steps', 'num_epochs', 'steps_per_epoch', 'first_kernel_siz
 # Numbers that are probabilities, fractions or decay factors: 0 to 1.
 _UNIT_LEAVES = ('threshold', 'cutout', 'dropout_rate', 'collapse_fraction', 'translate')
 _UNIT_SUFFIXES = ('ema_decay',)
-# Momentum-like factors: 0 <= x < 1 (1 would never forget the first gradient).
+# Momentum-like factors: 0 <= x < 1 (1 would never forget the first gradient,
+# or, for a BatchNorm's `bn_momentum`, the initial statistics).
 _BELOW_ONE = ('momentum', 'b1', 'b2')
+_BELOW_ONE_SUFFIXES = ('_momentum',)
 
 # Checked where they are used, with a message that says more than a range:
 # labels_per_class by the label split (it names `labels_per_class=all`).
@@ -71,7 +73,7 @@ def _rule(name: str) -> tuple[float, float, bool, str]:
   leaf = name.rpartition('.')[2]
   if name == 'seed':
     return 0, _SEED_MAX, False, f'an integer from 0 to {_SEED_MAX}'
-  if leaf in _BELOW_ONE:
+  if leaf in _BELOW_ONE or leaf.endswith(_BELOW_ONE_SUFFIXES):
     return 0, 1, True, 'at least 0 and below 1'
   if leaf in _UNIT_LEAVES or leaf.endswith(_UNIT_SUFFIXES):
     return 0, 1, False, 'from 0 to 1'
@@ -95,7 +97,8 @@ def check_config(config) -> None:
 
   Raises:
     UserError: a number out of range (named with its value and the range),
-      a string outside its choices, or `num_steps` < 1 with no `num_epochs`.
+      a string outside its choices, a `model.<field>` its model does not
+      have (naming the fields it has), or `num_steps` < 1 with no `num_epochs`.
   """
   methods.registry()
   for name, value in _flat(config):
@@ -113,6 +116,7 @@ def check_config(config) -> None:
   if config.num_epochs <= 0 and config.num_steps < 1:
     raise UserError(f'--config.num_steps={config.num_steps} is out of range: it must be at '
                     'least 1 (or set num_epochs > 0).')
+  network.check_model_options(config)
   fold = config.data.get('fold')
   if fold is not None and not 0 <= fold <= 9:
     raise UserError(f'--config.data.fold={fold} is out of range: STL-10 has folds 0 to 9.')

@@ -49,6 +49,9 @@ CASES = {
     'batch not dividing over devices': (['--config=configs/supervised.py', '--config.batch_size=30'],
                                         4, ('batch_size=30', '4 devices')),
     'unknown model': (['--config=configs/supervised.py:model=resnet9000'], 1, ('resnet9000',)),
+    'model field the model lacks': (['--config=configs/supervised.py', '--config.model.stem=small'],
+                                    1, ('model.stem', 'model small_cnn has no field stem',
+                                        'bn_momentum, dropout_rate, first_kernel_size, widths')),
     'missing config file': (['--config=configs/nonexistent.py'], 1,
                             ('configs/nonexistent.py', 'No such file')),
 }

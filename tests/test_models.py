@@ -97,7 +97,7 @@ def test_resnet_zero_init_residual():
 @pytest.mark.parametrize('name,shape', [
     ('small_cnn', (3, 8, 8, 1)), ('small_cnn', (3, 28, 28, 1)),
     ('convlarge', (3, 8, 8, 1)), ('convlarge', (3, 12, 12, 3)),
-    ('resnet18', (3, 8, 8, 1))])
+    ('resnet18', (3, 8, 8, 1)), ('wrn28_2', (3, 8, 8, 1)), ('wrn37_2', (3, 12, 12, 3))])
 def test_model_output_shapes(name, shape):
   for num_heads in (1, 2):
     model = models.build(name, num_classes=5, num_heads=num_heads)
@@ -107,7 +107,7 @@ def test_model_output_shapes(name, shape):
     assert len(outs) == num_heads
     assert all((o.shape, o.dtype) == ((3, 5), jnp.float32) for o in outs)
     feats = _abstract_apply(model, variables, shape, return_features=True)
-    width = {'resnet18': 512}.get(name, 128)
+    width = {'resnet18': 512, 'wrn37_2': 256}.get(name, 128)
     assert (feats.shape, feats.dtype) == ((3, width), jnp.float32)
 
 
@@ -151,7 +151,7 @@ def test_init_with_return_features_still_gives_logits():
   assert _abstract_apply(model, variables, (1, 8, 8, 1)).shape == (1, 4)
 
 
-@pytest.mark.parametrize('name', ['small_cnn', 'resnet18', 'convlarge'])
+@pytest.mark.parametrize('name', ['small_cnn', 'resnet18', 'convlarge', 'wrn28_2'])
 def test_bf16_compute_keeps_f32_params_and_logits(name):
   model = models.build(name, num_classes=3, dtype=jnp.bfloat16, num_heads=2)
   shape = (2, 8, 8, 3)

@@ -155,3 +155,28 @@ def test_model_first_kernel_size_reaches_the_first_convolution():
   with pytest.raises(UserError, match='resnet18'):
     network.build_model(tiny_config(**{'model.name': 'resnet18', 'model.first_kernel_size': 7}),
                         10)
+
+
+def test_model_fields_reach_the_constructor_and_unknown_ones_are_refused():
+  from sslj import models, preflight
+  from sslj.errors import UserError
+  from sslj.methods import network
+  # Every field of the config string's model is declared, None (the model's own).
+  config = tiny_config('supervised', 'model=resnet18')
+  assert {k: config.model[k] for k in models.fields('resnet18')} == dict.fromkeys(
+      ['width', 'stem', 'zero_init_residual', 'bn_momentum'])
+  assert network.model_options(config) == {}
+  config = tiny_config('supervised', 'model=resnet18',
+                       **{'model.stem': 'small', 'model.bn_momentum': 0.99})
+  assert network.model_options(config) == {'stem': 'small', 'bn_momentum': 0.99}
+  model = network.build_model(config, 10)
+  assert (model.stem, model.bn_momentum) == ('small', 0.99)
+  # A field the model lacks: one line, before anything is built, naming the allowed ones.
+  bad = tiny_config('supervised', 'model=resnet18', **{'model.dropout_rate': 0.5})
+  with pytest.raises(UserError) as err:
+    preflight.check_config(bad)
+  assert str(err.value) == ('--config.model.dropout_rate=0.5 is not allowed: model resnet18 has '
+                            'no field dropout_rate; its fields are bn_momentum, stem, width, '
+                            'zero_init_residual.')
+  with pytest.raises(UserError, match='out of range'):
+    preflight.check_config(tiny_config(**{'model.bn_momentum': 1.0}))

@@ -24,17 +24,46 @@ def compute_dtype(name: str):
   return DTYPES[name]
 
 
-# Model attributes a config may set; 0 (the config's default) keeps the model's own.
-_MODEL_OPTIONS = ('dropout_rate', 'first_kernel_size')
+# Fields of `config.model` that build_model passes itself; every other one
+# is a field of the model (models.fields), passed to its constructor.
+_BUILD_FIELDS = ('name', 'dtype')
+# The base config declares these two as 0, which has always meant "the
+# model's own" (and runs recorded that way must keep their meaning); every
+# other field means the model's own when left at None.
+_ZERO_KEEPS_DEFAULT = ('dropout_rate', 'first_kernel_size')
 
 
 def model_options(config) -> dict:
-  """The model attributes `config.model` sets, as keywords of `models.build`.
+  """The model fields `config.model` sets, as keywords of `models.build`.
 
   Only the ones set are passed, so models without them keep working and a
-  model that cannot take one says so in one line.
+  model that cannot take one says so in one line (`check_model_options`).
   """
-  return {k: config.model[k] for k in _MODEL_OPTIONS if config.model.get(k)}
+  options = {}
+  for key, value in config.model.items():
+    if key in _BUILD_FIELDS or value is None:
+      continue
+    if key in _ZERO_KEEPS_DEFAULT and value == 0:
+      continue
+    options[key] = tuple(value) if isinstance(value, list) else value
+  return options
+
+
+def check_model_options(config) -> None:
+  """Refuses a field `config.model` sets that its model does not have.
+
+  Raises:
+    UserError: one line naming the field, its value and the model's fields.
+  """
+  name = config.model.name
+  if name not in models.NAMES:
+    return  # 'none' (methods without a network); unknown names fail in models.build
+  options = model_options(config)
+  try:
+    models.check_options(name, options)
+  except UserError as e:
+    bad = next(k for k in sorted(options) if k not in models.fields(name))
+    raise UserError(f'--config.model.{bad}={options[bad]!r} is not allowed: {e}') from None
 
 
 def build_model(config, num_classes: int, num_heads: int = 1):

@@ -66,6 +66,8 @@ class AlexNet(nn.Module):
     fc_width: units of each of the two fully connected layers.
     dropout_rate: dropout before each fully connected layer in training;
       needs the 'dropout' rng when > 0 and train=True.
+    bn_momentum: decay of BatchNorm's running averages (Flax's convention:
+      running = m * running + (1 - m) * batch; PyTorch's momentum is 1 - m).
     dtype: compute dtype; parameters stay float32.
   """
   num_classes: int
@@ -73,12 +75,14 @@ class AlexNet(nn.Module):
   widths: Sequence[int] = (96, 256, 384, 384, 256)
   fc_width: int = 4096
   dropout_rate: float = 0.5
+  bn_momentum: float = 0.9
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
+                             param_dtype=jnp.float32)
     x = jnp.asarray(x, self.dtype)
     kernel, stride = first_conv(x.shape[1])
     for i, width in enumerate(self.widths):

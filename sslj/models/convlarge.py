@@ -39,6 +39,8 @@ class ConvLarge(nn.Module):
     num_classes: logits per head.
     num_heads: linear heads on the shared features (2 for Mean Teacher).
     dropout_rate: dropout after each pooling (0.5 in the papers).
+    bn_momentum: decay of BatchNorm's running averages (Flax's convention:
+      running = m * running + (1 - m) * batch; PyTorch's momentum is 1 - m).
     dtype: compute dtype; parameters stay float32.
 
   When train=True, `apply` needs the 'dropout' rng (if dropout_rate > 0). The
@@ -49,6 +51,7 @@ class ConvLarge(nn.Module):
   num_classes: int
   num_heads: int = 1
   dropout_rate: float = 0.5
+  bn_momentum: float = 0.9
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -56,7 +59,7 @@ class ConvLarge(nn.Module):
     conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=jnp.float32,
                              use_bias=False)  # BN's bias makes a conv bias redundant.
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                             momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
                              param_dtype=jnp.float32)
 
     def block(y, features, kernel, padding='SAME'):

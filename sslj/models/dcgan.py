@@ -81,12 +81,15 @@ class DCGANGenerator(nn.Module):
       (never below 32); the last stage gives C.
     upsample: 'transpose' or 'resize' (see the module docstring).
     kernel_size: kernel of every upsampling convolution.
+    bn_momentum: decay of BatchNorm's running averages (Flax's convention:
+      running = m * running + (1 - m) * batch; PyTorch's momentum is 1 - m).
     dtype: compute dtype; parameters and the output stay float32.
   """
   image_shape: Sequence[int]
   base_width: int = 256
   upsample: str = 'transpose'
   kernel_size: int = 5
+  bn_momentum: float = 0.9
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -96,8 +99,9 @@ class DCGANGenerator(nn.Module):
     h, w, c = self.image_shape
     stages = num_stages(h, w)
     h0, w0 = h // 2 ** stages, w // 2 ** stages
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
+                             param_dtype=jnp.float32)
     k = (self.kernel_size, self.kernel_size)
     x = nn.Dense(h0 * w0 * self.base_width, use_bias=False, dtype=self.dtype,
                  param_dtype=jnp.float32)(jnp.asarray(z, self.dtype))

@@ -112,11 +112,19 @@ class ExemplarCNN(nn.Module):
     return features() if return_features else logits  # the former: initialising
 
 
+# The attributes each preset fixes (the model registry's presets).
+PRESETS = {
+    'exemplar_small': dict(conv_widths=(64, 64), fc_width=128, pooled_layers=2),  # 64c5-64c5-128f
+    'exemplar_large': dict(conv_widths=(64, 128, 256), fc_width=512,
+                           pooled_layers=2),  # 64c5-128c5-256c5-512f
+}
+
+
 def exemplar_small(**kw):
   """64c5-64c5-128f."""
-  return ExemplarCNN(conv_widths=(64, 64), fc_width=128, pooled_layers=2, **kw)
+  return ExemplarCNN(**PRESETS['exemplar_small'], **kw)
 
 
 def exemplar_large(**kw):
   """64c5-128c5-256c5-512f."""
-  return ExemplarCNN(conv_widths=(64, 128, 256), fc_width=512, pooled_layers=2, **kw)
+  return ExemplarCNN(**PRESETS['exemplar_large'], **kw)

@@ -109,6 +109,9 @@ class ResNet(nn.Module):
       AUTO_SMALL_STEM_MAX_HEIGHT pixels high, else 'imagenet').
     zero_init_residual: start each residual branch's last BN scale at zero, so
       every block begins as the identity (Goyal et al. 2017).
+    bn_momentum: decay of BatchNorm's running averages (Flax's convention:
+      running = m * running + (1 - m) * batch); 0.9 is torchvision's
+      momentum=0.1, which weighs the batch instead.
     dtype: compute dtype; parameters stay float32.
   """
   stage_sizes: Sequence[int]
@@ -118,7 +121,12 @@ class ResNet(nn.Module):
   width: int = 64
   stem: str = 'auto'
   zero_init_residual: bool = False
+  bn_momentum: float = 0.9
   dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    resolve_stem(self.stem, 0)  # a bad stem fails when the model is built, not in jit
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -129,8 +137,8 @@ class ResNet(nn.Module):
     def norm(last: bool = False, name: str | None = None):
       scale_init = (nn.initializers.zeros if last and self.zero_init_residual
                     else nn.initializers.ones)
-      # Momentum 0.9 = PyTorch's 0.1; eps 1e-5 as in the reference models.
-      return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+      # eps 1e-5 as in the reference models.
+      return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                           epsilon=1e-5, scale_init=scale_init,
                           dtype=self.dtype, param_dtype=jnp.float32, name=name)
 
@@ -166,11 +174,13 @@ _BLOCKS = {
 }
 
 
+# The attributes each depth fixes (the model registry's presets).
+PRESETS = {depth: dict(stage_sizes=stage_sizes, block_cls=block_cls)
+           for depth, (stage_sizes, block_cls) in _BLOCKS.items()}
+
+
 def resnet(depth: int, *, num_classes: int, **kw) -> ResNet:
   """ResNet-`depth` (18, 34, 50, 101 or 152); `kw` are ResNet attributes."""
   if depth not in _BLOCKS:
     raise UserError(f'unknown ResNet depth {depth}; use one of {sorted(_BLOCKS)}')
-  resolve_stem(kw.get('stem', 'auto'), 0)  # bad stems fail here, not in jit
-  stage_sizes, block_cls = _BLOCKS[depth]
-  return ResNet(stage_sizes=stage_sizes, block_cls=block_cls,
-                num_classes=num_classes, **kw)
+  return ResNet(num_classes=num_classes, **PRESETS[depth], **kw)

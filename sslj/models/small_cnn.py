@@ -43,6 +43,8 @@ class SmallCNN(nn.Module):
       can be read as pictures (edges, blobs), as the 7x7 and 11x11 first
       layers of the ResNets and AlexNet do; 3x3 filters of one grey channel
       are nine numbers each.
+    bn_momentum: decay of BatchNorm's running averages (Flax's convention:
+      running = m * running + (1 - m) * batch; PyTorch's momentum is 1 - m).
     dtype: compute dtype; parameters stay float32.
   """
   num_classes: int
@@ -50,6 +52,7 @@ class SmallCNN(nn.Module):
   widths: Sequence[int] = (32, 64, 128)
   dropout_rate: float = 0.0
   first_kernel_size: int = 3
+  bn_momentum: float = 0.9
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -58,7 +61,7 @@ class SmallCNN(nn.Module):
                              use_bias=False, dtype=self.dtype,
                              param_dtype=jnp.float32)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                             momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
                              param_dtype=jnp.float32)
     x = jnp.asarray(x, self.dtype)
     for i, width in enumerate(self.widths):
