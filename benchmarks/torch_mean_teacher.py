@@ -281,8 +281,9 @@ def race(case: str, *, quick: bool, variants=None,
          budget_s: float | None = None) -> tuple[list[dict], dict]:
   """Times sslj and the PyTorch variants on one case; returns rows and facts.
 
-  `variants`: names from VARIANTS, warmed and timed in that order (default:
-  all; sslj bfloat16 only off the CPU). With `budget_s`, a variant is not
+  `variants`: names from VARIANTS, the sslj ones first, then the PyTorch ones,
+  each in the order given (default: all; sslj bfloat16 only off the CPU).
+  With `budget_s`, a variant is not
   started once 60% of the budget is spent on building and warming the ones
   before it (the facts name it under `skipped`), and the timed steps are
   as many as fit in the rest.
@@ -296,7 +297,7 @@ def race(case: str, *, quick: bool, variants=None,
       v.startswith('PyTorch') for v in variants):
     raise ValueError(f'variants {list(variants)}: name at least one sslj and one PyTorch '
                      f'variant of {", ".join(VARIANTS)}')
-  variants = [v for v in VARIANTS if v in variants]
+  variants = list(dict.fromkeys(variants))
   builders, counts, data = {}, {}, None
   for name in variants:
     if name.startswith('sslj'):
@@ -371,15 +372,18 @@ def race(case: str, *, quick: bool, variants=None,
 
 
 def suite(quick: bool = False, peak_tflops: float | None = None,
-          cases: list[str] | None = None) -> dict:
-  """The race on every case (default: digits + fashion_mnist; + resnet50 on a GPU)."""
+          cases: list[str] | None = None, variants=None, budget_s: float | None = None) -> dict:
+  """The race on every case (default: digits + fashion_mnist; + resnet50 on a GPU).
+
+  `variants` and `budget_s` (for each case) as `race`'s.
+  """
   del peak_tflops
   if not cases:
     cases = ['digits'] if quick else ['digits', 'fashion_mnist'] + (
         [] if common.on_cpu() else ['resnet50'])
   rows, facts = [], []
   for case in cases:
-    case_rows, case_facts = race(case, quick=quick)
+    case_rows, case_facts = race(case, quick=quick, variants=variants, budget_s=budget_s)
     rows += case_rows
     facts.append(case_facts)
     ratio = case_facts['ratio_best_sslj_vs_best_pytorch']
@@ -400,6 +404,10 @@ def suite(quick: bool = False, peak_tflops: float | None = None,
            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}."]
   if quick:
     notes.append('--quick: batch 8 (2 labeled), 2 timed steps, one round.')
+  for f in facts:
+    if f['skipped']:
+      notes.append(f"{f['case']}: not run within the budget of {budget_s:.0f} s: "
+                   f"{', '.join(f['skipped'])}.")
   return {'benchmark': 'torch_mean_teacher',
           'command': common.command('torch_mean_teacher', {'quick': quick, 'cases': cases}),
           'torch': torch.__version__, 'ratios': facts,
