@@ -388,7 +388,8 @@ def main(argv=None) -> int:
     later = sum(p.reserve_s for p in parts[i + 1:])
     left = deadline - time.perf_counter() - later - 5  # 5 s for the summary
     timeout = min(part.timeout_s or left, left)
-    budget = min(part.budget_s or timeout - 5, 0.8 * timeout)
+    # A part with no budget of its own plans for all of its time but 10 s.
+    budget = min(part.budget_s, 0.8 * timeout) if part.budget_s else timeout - 10
     print(f'=== {part.name}: budget {budget:.0f} s, timeout {timeout:.0f} s', flush=True)
     if timeout < MIN_PART_S:
       result = {'status': 'failed', 'error': f'not started: {max(timeout, 0):.0f} s left'}
