@@ -27,14 +27,44 @@ from sslj.data import splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Dense bf16 peak TFLOP/s of known accelerators, by `device_kind`, for MFU.
-# H100 SXM (HBM3) and H200 share the H100 SXM's tensor cores.
-PEAK_TFLOPS = {
-    'NVIDIA H100 80GB HBM3': 989.0,   # H100 SXM
-    'NVIDIA H100 PCIe': 756.0,
-    'NVIDIA H200': 989.0,
-    'NVIDIA A100-SXM4-80GB': 312.0,
-    'NVIDIA A100-SXM4-40GB': 312.0,
+# Dense peak TFLOP/s (no 2:4 sparsity) of known accelerators, by `device_kind`,
+# for MFU. NVIDIA's data sheets quote the tensor-core figures with sparsity;
+# these are half of them. The kinds of math:
+#   bf16: BF16 tensor cores (a step run with `model.dtype=bfloat16`);
+#   tf32: TF32 tensor cores, which XLA's default precision lets float32
+#     convolutions and matmuls use on these GPUs (a float32 step);
+#   fp32: float32 on the CUDA cores, what `precision=HIGHEST` asks for
+#     (sslj's k-means distances).
+# H100 SXM (HBM3) and H200 share the H100 SXM's tensor cores and clocks.
+# References: NVIDIA H100 Tensor Core GPU data sheet (H100 SXM, PCIe, NVL);
+# NVIDIA H200 Tensor Core GPU data sheet (H200 SXM, NVL); NVIDIA A100 Tensor
+# Core GPU data sheet (SXM4 and PCIe, 40 and 80 GB).
+_H100_SXM = {'bf16': 989.5, 'tf32': 494.5, 'fp32': 67.0}
+_NVL = {'bf16': 835.5, 'tf32': 417.5, 'fp32': 60.0}
+_A100 = {'bf16': 312.0, 'tf32': 156.0, 'fp32': 19.5}
+DENSE_PEAK_TFLOPS = {
+    'NVIDIA H100 80GB HBM3': _H100_SXM,
+    'NVIDIA H100 PCIe': {'bf16': 756.5, 'tf32': 378.0, 'fp32': 51.0},
+    'NVIDIA H100 NVL': _NVL,
+    'NVIDIA H200': _H100_SXM,
+    'NVIDIA H200 NVL': _NVL,
+    'NVIDIA A100-SXM4-80GB': _A100,
+    'NVIDIA A100-SXM4-40GB': _A100,
+    'NVIDIA A100-PCIE-40GB': _A100,
+    'NVIDIA A100 80GB PCIe': _A100,
+}
+# The dense bf16 peak alone: the MFU of `benchmarks.throughput`.
+PEAK_TFLOPS = {kind: peaks['bf16'] for kind, peaks in DENSE_PEAK_TFLOPS.items()}
+
+# The Mean Teacher race's cases (benchmarks.torch_mean_teacher), here so that
+# code without PyTorch builds the same sslj step: name -> (config, (H, W, C),
+# overrides).
+MEAN_TEACHER_CASES = {
+    'digits': ('configs/mean_teacher.py', (8, 8, 1), {}),
+    'fashion_mnist': ('configs/mean_teacher.py:dataset=fashion_mnist,labels_per_class=10',
+                      (28, 28, 1), {}),
+    'resnet50': ('configs/mean_teacher.py:dataset=stl10,labels_per_class=64,model=resnet50',
+                 (96, 96, 3), {'augment.out_size': None}),
 }
 
 
@@ -56,6 +86,25 @@ def peak_tflops(given: float | None) -> float | None:
   if given:
     return given
   return PEAK_TFLOPS.get(jax.devices()[0].device_kind)
+
+
+def dense_peak_tflops(math: str) -> float | None:
+  """This device's dense peak for `math` ('bf16', 'tf32' or 'fp32'), or None."""
+  return DENSE_PEAK_TFLOPS.get(jax.devices()[0].device_kind, {}).get(math)
+
+
+def mean_teacher_case(case: str, *, quick: bool, dtype: str = 'float32'):
+  """(config, data) of the race's sslj step for `case` at compute `dtype`.
+
+  Quick runs, and the ResNet-50 case on a CPU, take a batch of 8 (2 labeled).
+  The data are 2,048 synthetic unlabeled images of the case's shape.
+  """
+  spec, shape, overrides = MEAN_TEACHER_CASES[case]
+  overrides = dict(overrides)
+  if quick or (on_cpu() and case == 'resnet50'):
+    overrides.update({'batch_size': 8, 'mean_teacher.labeled_batch_size': 2})
+  config = load_config(spec, {**overrides, 'model.dtype': dtype})
+  return config, synthetic_data(shape, unlabeled=2048)
 
 
 def command(module: str, args: dict) -> str:

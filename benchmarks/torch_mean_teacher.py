@@ -58,13 +58,12 @@ from sslj.data import augment
 from sslj.methods import mean_teacher
 from sslj.ops import optim
 
-CASES = {
-    'digits': ('configs/mean_teacher.py', (8, 8, 1), {}),
-    'fashion_mnist': ('configs/mean_teacher.py:dataset=fashion_mnist,labels_per_class=10',
-                      (28, 28, 1), {}),
-    'resnet50': ('configs/mean_teacher.py:dataset=stl10,labels_per_class=64,model=resnet50',
-                 (96, 96, 3), {'augment.out_size': None}),
-}
+CASES = common.MEAN_TEACHER_CASES
+# Every variant of the race, in the order they are built, warmed and timed.
+VARIANTS = ('sslj float32', 'sslj bfloat16', 'PyTorch eager', 'PyTorch compile',
+            'PyTorch compile+bf16')
+_TORCH_VARIANTS = {'PyTorch eager': {}, 'PyTorch compile': {'compile': True},
+                   'PyTorch compile+bf16': {'compile': True, 'bf16': True}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,49 +277,77 @@ def _sync(device):
     torch.cuda.synchronize()
 
 
-def race(case: str, *, quick: bool) -> tuple[list[dict], dict]:
-  """Times sslj and the PyTorch variants on one case; returns rows and facts."""
-  spec, shape, overrides = CASES[case]
+def race(case: str, *, quick: bool, variants=None,
+         budget_s: float | None = None) -> tuple[list[dict], dict]:
+  """Times sslj and the PyTorch variants on one case; returns rows and facts.
+
+  `variants`: names from VARIANTS, the sslj ones first, then the PyTorch ones,
+  each in the order given (default: all; sslj bfloat16 only off the CPU).
+  With `budget_s`, a variant is not
+  started once 60% of the budget is spent on building and warming the ones
+  before it (the facts name it under `skipped`), and the timed steps are
+  as many as fit in the rest.
+  """
+  started = time.perf_counter()
   cpu = common.on_cpu()
-  overrides = dict(overrides)
-  if quick or (cpu and case == 'resnet50'):
-    overrides.update({'batch_size': 8, 'mean_teacher.labeled_batch_size': 2})
-  dtypes = ['float32'] if cpu else ['float32', 'bfloat16']
-  data = common.synthetic_data(shape, unlabeled=2048)
-  runners, counts = {}, {}
-  for dtype in dtypes:
-    config = common.load_config(spec, {**overrides, 'model.dtype': dtype})
-    bench = common.TrainStep(config, data)
-    carry = bench.fresh_carry()
-    counts['sslj'] = sum(x.size for x in jax.tree.leaves(carry[0].params))
-    runners[f'sslj {dtype}'] = bench.runner(bench.jitted, carry)
+  if variants is None:
+    variants = [v for v in VARIANTS if not (cpu and v == 'sslj bfloat16')]
+  unknown = set(variants) - set(VARIANTS)
+  if unknown or not any(v.startswith('sslj') for v in variants) or not any(
+      v.startswith('PyTorch') for v in variants):
+    raise ValueError(f'variants {list(variants)}: name at least one sslj and one PyTorch '
+                     f'variant of {", ".join(VARIANTS)}')
+  variants = list(dict.fromkeys(variants))
+  builders, counts, data = {}, {}, None
+  for name in variants:
+    if name.startswith('sslj'):
+      config, data = common.mean_teacher_case(case, quick=quick, dtype=name.split()[1])
+
+      def build(config=config, data=data):
+        bench = common.TrainStep(config, data)
+        carry = bench.fresh_carry()
+        counts['sslj'] = sum(x.size for x in jax.tree.leaves(carry[0].params))
+        return bench.runner(bench.jitted, carry)
+
+      builders[name] = build
   settings = Settings.from_config(config, data)
   device = 'cpu' if cpu else 'cuda'
   torch._dynamo.reset()  # a clean compile cache per case  # pylint: disable=protected-access
-  for name, kw in (('eager', {}), ('compile', {'compile': True}),
-                   ('compile+bf16', {'compile': True, 'bf16': True})):
-    torch.manual_seed(0)
-    mt = TorchMeanTeacher(settings, data.labeled_images, data.labeled_labels,
-                          data.unlabeled_images, device=device, **kw)
-    counts['torch'] = torch_models.num_params(mt.student)
+  for name in variants:
+    if name.startswith('PyTorch'):
 
-    def run(n, mt=mt):
-      for _ in range(n):
-        out = mt.sampled_step()
-      _sync(mt.device)
-      return float(out['loss'])
+      def build(kw=_TORCH_VARIANTS[name]):
+        torch.manual_seed(0)
+        mt = TorchMeanTeacher(settings, data.labeled_images, data.labeled_labels,
+                              data.unlabeled_images, device=device, **kw)
+        counts['torch'] = torch_models.num_params(mt.student)
 
-    runners[f'PyTorch {name}'] = run
-  warm, per_step = {}, 0.0
-  for name, run in runners.items():  # compile and warm up, then estimate a step
+        def run(n):
+          for _ in range(n):
+            out = mt.sampled_step()
+          _sync(mt.device)
+          return float(out['loss'])
+
+        return run
+
+      builders[name] = build
+  runners, warm, skipped, per_step = {}, {}, [], 0.0
+  for name, build in builders.items():  # compile and warm up, then estimate a step
+    if budget_s is not None and time.perf_counter() - started > 0.6 * budget_s:
+      skipped.append(name)
+      continue
     start = time.perf_counter()
+    runners[name] = run = build()
     run(2)
     warm[name] = time.perf_counter() - start
     start = time.perf_counter()
     run(2)
     per_step = max(per_step, 0.5 * (time.perf_counter() - start))
-  steps = 2 if quick else max(3, min(100, int(1.5 / max(per_step, 1e-4))))
   rounds = 1 if quick else 3
+  steps = 2 if quick else max(3, min(100, int(1.5 / max(per_step, 1e-4))))
+  if budget_s is not None and not quick:
+    left = budget_s - (time.perf_counter() - started)
+    steps = max(3, min(steps, int(left / (rounds * len(runners) * max(per_step, 1e-4)))))
   best = dict.fromkeys(runners, float('inf'))
   for _ in range(rounds):  # in turn, so a burst of load hits every variant
     for name, run in runners.items():
@@ -328,31 +355,39 @@ def race(case: str, *, quick: bool) -> tuple[list[dict], dict]:
       run(steps)
       best[name] = min(best[name], (time.perf_counter() - start) / steps)
   images = settings.labeled + settings.unlabeled
-  fastest_torch = min(v for k, v in best.items() if k.startswith('PyTorch'))
+  torch_times = [v for k, v in best.items() if k.startswith('PyTorch')]
+  fastest_torch = min(torch_times) if torch_times else None
+  ratio = lambda t: fastest_torch / t if fastest_torch and t else None
+  shape = data.labeled_images.shape[1:]
   rows = [{'case': case, 'input': 'x'.join(map(str, shape)), 'model': settings.model,
            'images_per_step': images, 'variant': name, 'timed_steps': steps,
            'first_2_steps_s': warm[name], 'ms_per_step': 1e3 * t, 'images_per_s': images / t,
-           'vs_best_pytorch': fastest_torch / t} for name, t in best.items()]
-  facts = {'case': case, 'params_sslj': counts['sslj'], 'params_torch': counts['torch'],
-           'ratio_sslj_f32_vs_best_pytorch': fastest_torch / best['sslj float32'],
-           'ratio_best_sslj_vs_best_pytorch': fastest_torch / min(
-               v for k, v in best.items() if k.startswith('sslj'))}
+           'vs_best_pytorch': ratio(t)} for name, t in best.items()]
+  sslj_times = [v for k, v in best.items() if k.startswith('sslj')]
+  facts = {'case': case, 'params_sslj': counts.get('sslj'), 'params_torch': counts.get('torch'),
+           'ratio_sslj_f32_vs_best_pytorch': ratio(best.get('sslj float32')),
+           'ratio_best_sslj_vs_best_pytorch': ratio(min(sslj_times)) if sslj_times else None,
+           'skipped': skipped}
   return rows, facts
 
 
 def suite(quick: bool = False, peak_tflops: float | None = None,
-          cases: list[str] | None = None) -> dict:
-  """The race on every case (default: digits + fashion_mnist; + resnet50 on a GPU)."""
+          cases: list[str] | None = None, variants=None, budget_s: float | None = None) -> dict:
+  """The race on every case (default: digits + fashion_mnist; + resnet50 on a GPU).
+
+  `variants` and `budget_s` (for each case) as `race`'s.
+  """
   del peak_tflops
   if not cases:
     cases = ['digits'] if quick else ['digits', 'fashion_mnist'] + (
         [] if common.on_cpu() else ['resnet50'])
   rows, facts = [], []
   for case in cases:
-    case_rows, case_facts = race(case, quick=quick)
+    case_rows, case_facts = race(case, quick=quick, variants=variants, budget_s=budget_s)
     rows += case_rows
     facts.append(case_facts)
-    print(f"{case}: sslj / best PyTorch = {case_facts['ratio_best_sslj_vs_best_pytorch']:.2f}",
+    ratio = case_facts['ratio_best_sslj_vs_best_pytorch']
+    print(f"{case}: sslj / best PyTorch = {ratio if ratio is None else round(ratio, 2)}",
           flush=True)
   columns = [['case', 'case'], ['input', 'input'], ['model', 'model'],
              ['images_per_step', 'images/step'], ['variant', 'variant'],
@@ -369,6 +404,10 @@ def suite(quick: bool = False, peak_tflops: float | None = None,
            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}."]
   if quick:
     notes.append('--quick: batch 8 (2 labeled), 2 timed steps, one round.')
+  for f in facts:
+    if f['skipped']:
+      notes.append(f"{f['case']}: not run within the budget of {budget_s:.0f} s: "
+                   f"{', '.join(f['skipped'])}.")
   return {'benchmark': 'torch_mean_teacher',
           'command': common.command('torch_mean_teacher', {'quick': quick, 'cases': cases}),
           'torch': torch.__version__, 'ratios': facts,

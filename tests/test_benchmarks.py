@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 # Before torch loads OpenMP: its spinning threads crawl on a shared 2-core
 # machine (see benchmarks/torch_mean_teacher.py).
@@ -53,6 +54,50 @@ def test_run_quick_writes_results_with_environment_and_command(tmp_path):
   assert all(row['transpose'] > 0 and row['resize'] > 0 for row in table['rows'])
   markdown = (out / 'results.md').read_text()
   assert '## gan_generator' in markdown and '| 8x8x1 |' in markdown
+
+
+def test_gpu_check_quick_writes_every_part_and_the_summary(tmp_path):
+  """benchmarks/gpu_check.sh --quick end to end on the CPU: each part's figures with the
+  device kind, the summary and the bundle; without PyTorch the race alone is skipped."""
+  out = tmp_path / 'gpucheck'
+  proc = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'gpu_check.sh'), str(out),
+                         '--quick'], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHON=sys.executable))
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  summary = json.loads((out / 'summary.json').read_text())
+  kind = jax.devices()[0].device_kind
+  assert summary['quick'] and summary['device_kinds'] == [kind]
+  parts = summary['parts']
+  assert list(parts) == ['race', 'mfu', 'kmeans', 'fixmatch']
+  for name, part in parts.items():
+    assert part['environment']['device_kind'] == kind
+    assert json.loads((out / f'{name}.json').read_text())['status'] == part['status']
+    assert all(row['device'] == kind for table in part['tables'] for row in table['rows'])
+  race = parts['race']
+  if torch is None:
+    assert race['status'] == 'skipped' and 'PyTorch is not installed' in race['skipped']
+  else:
+    assert race['status'] == 'ok' and race['figures']['ratio_sslj_f32_vs_best_pytorch'] > 0
+    assert [r['variant'] for r in race['tables'][0]['rows']] == ['sslj float32', 'PyTorch eager']
+  mfu = parts['mfu']
+  assert mfu['status'] == 'ok'
+  assert mfu['figures']['float32']['gflop_per_step'] > 0 and mfu['figures']['float32']['tflops'] > 0
+  assert mfu['figures']['float32']['mfu_pct'] is None  # a CPU has no peak
+  kmeans = parts['kmeans']
+  assert kmeans['status'] == 'ok' and kmeans['figures']['2000x16x32 sslj']['tflops'] > 0
+  fixmatch = parts['fixmatch']
+  assert fixmatch['status'] == 'ok'
+  figures = fixmatch['figures']
+  assert figures['steps_done'] == figures['num_steps'] == 8 and figures['probe_steps_per_s'] > 0
+  assert 0 <= figures['top1'] <= 100
+  results = json.loads((out / 'fixmatch' / 'run' / 'results.json').read_text())
+  assert results['method'] == 'fixmatch' and results['num_steps'] == 8
+  markdown = (out / 'summary.md').read_text()
+  assert all(f'| {name} | {kind} |' in markdown for name in parts)
+  with tarfile.open(out / 'bundle.tar.gz') as tar:
+    names = tar.getnames()
+  assert {'summary.json', 'summary.md', 'fixmatch.log', 'fixmatch/run/metrics.jsonl'} <= set(names)
+  assert not any(n.startswith(('jax_cache', 'fixmatch/tfds')) for n in names)
 
 
 def test_run_rejects_unknown_benchmark():
