@@ -6,8 +6,8 @@ sweep, the benchmarks) finds it with `sslj.methods.get(config.method)` or
 iterates `sslj.methods.registry()`, and asks only what `Definition` and the
 `Method` it builds declare; it never tests a method's name and never looks
 for functions on a module. Every optional part has a default that does the
-right thing, so the smallest gradient method declares `name`,
-`steps_per_epoch`, `build` and `reported` (see docs/adding_a_method.md).
+right thing, so the smallest gradient method declares `name`, `summary`,
+`steps_per_epoch` and `build` (see docs/adding_a_method.md).
 
 Two kinds of method:
   * gradient methods declare `build`, which returns a `Method` (state, pure
