@@ -1,8 +1,8 @@
 """The pre-activation Wide ResNet of the FixMatch and MixMatch code, NHWC.
 
 The network every FixMatch/MixMatch/ReMixMatch table was measured with
-(`ResNet.classifier` in libml/models.py of google-research/fixmatch and
-google-research/mixmatch):
+(`ResNet.classifier` in libml/models.py of github.com/google-research/FixMatch
+and github.com/google-research/mixmatch):
 
   conv 3x3, 16 channels
   `groups` groups of `blocks_per_group` residual blocks; group g has
@@ -29,11 +29,12 @@ Presets (the reference's flags; parameter counts for 10 classes unless said):
   wrn28_2: 3 groups of 4 blocks, 32/64/128 channels (--filters=32, --scales=3
     for 32x32 images), CIFAR-10 and SVHN: 1,469,642 parameters (the papers'
     "1.5M").
-  wrn28_8: --filters=128, CIFAR-100 (google-research/fixmatch issues #25 and
-    #26, "it's --filters=128"): 23,409,092 parameters for 100 classes.
-  wrn37_2: 4 groups (--scales=4, which fixmatch.py derives for 96x96 images as
-    ilog2(96) - 2), 32/64/128/256 channels, STL-10: 5,933,770 parameters, the
-    "~6M parameter model" of google-research/fixmatch issue #34 (comment of
+  wrn28_8: --filters=128, CIFAR-100 (github.com/google-research/FixMatch issues
+    #25 and #26, "it's --filters=128"): 23,409,092 parameters for 100 classes.
+  wrn37_2: 4 groups (--scales=4, which the FixMatch code's training script
+    derives for 96x96 images as ilog2(96) - 2), 32/64/128/256 channels, STL-10:
+    5,933,770 parameters, the "~6M parameter model" of
+    github.com/google-research/FixMatch issue #34 (comment of
     2020-10-12 listing the network; the MixMatch/ReMixMatch papers' "23.8M"
     was an error there). "37" counts its convs: 1 + 4 x 4 x 2 + 4 shortcuts.
 Counts are trainable parameters (BatchNorm's running statistics are not), as
