@@ -42,6 +42,26 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tensorflow_datasets'))
 
 
+@pytest.fixture(scope='session')
+def tiny_run(data_dir, tmp_path_factory):
+  """(workdir, results) of one finished `tiny_config()` supervised run, trained once.
+
+  Several tests check the same 12-step run; they read copies of it
+  (`copy_of_tiny_run`), so none sees another's changes.
+  """
+  from sslj import train
+  workdir = str(tmp_path_factory.mktemp('tiny_run') / 'run')
+  results = train.train_and_evaluate(tiny_config(**{'data.data_dir': data_dir}), workdir)
+  return workdir, results
+
+
+def copy_of_tiny_run(tiny_run, workdir):
+  """Copies the session's tiny run to `workdir` (new); its results dict."""
+  import copy
+  shutil.copytree(tiny_run[0], str(workdir))
+  return copy.deepcopy(tiny_run[1])
+
+
 def snapshot(folder):
   """{relative path: bytes} of every file under `folder`: what "unchanged" is compared by."""
   files = {}
