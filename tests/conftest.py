@@ -1,18 +1,65 @@
-"""Shared test set-up: a tfds data dir per session, and a tiny supervised config."""
+"""Shared test set-up: a tfds data dir and an XLA compilation cache per session, a tiny config."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# One persistent XLA compilation cache for the session, in a fresh directory.
+# Dozens of tests (and the launch.py processes they start) compile the same
+# tiny programs: the 12-step supervised run's init, step and eval above all.
+# Each program is now compiled once per session and then loaded, bit for bit
+# the same executable. Set in the environment before jax is imported, so every
+# subprocess (whose env starts from os.environ) shares it; fresh per session,
+# so nothing carries over from an earlier run or another checkout. (A driver
+# script a test runs imports this file too: it joins the session's cache.)
+_XLA_CACHE = os.environ.get('SSLJ_TESTS_XLA_CACHE')
+_OWN_XLA_CACHE = not _XLA_CACHE
+if _OWN_XLA_CACHE:
+  _XLA_CACHE = tempfile.mkdtemp(prefix='sslj-tests-xla-cache-')
+  os.environ['SSLJ_TESTS_XLA_CACHE'] = _XLA_CACHE
+os.environ['JAX_COMPILATION_CACHE_DIR'] = _XLA_CACHE
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+if 'jax' in sys.modules:  # imported before this file (a plugin): set it there too
+  sys.modules['jax'].config.update('jax_compilation_cache_dir', _XLA_CACHE)
+  sys.modules['jax'].config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_XLA_CACHE:
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+
 
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
   """One tfds data dir for the whole session, so `digits` is prepared once."""
   return str(tmp_path_factory.mktemp('tensorflow_datasets'))
+
+
+@pytest.fixture(scope='session')
+def tiny_run(data_dir, tmp_path_factory):
+  """(workdir, results) of one finished `tiny_config()` supervised run, trained once.
+
+  Several tests check the same 12-step run; they read copies of it
+  (`copy_of_tiny_run`), so none sees another's changes.
+  """
+  from sslj import train
+  workdir = str(tmp_path_factory.mktemp('tiny_run') / 'run')
+  results = train.train_and_evaluate(tiny_config(**{'data.data_dir': data_dir}), workdir)
+  return workdir, results
+
+
+def copy_of_tiny_run(tiny_run, workdir):
+  """Copies the session's tiny run to `workdir` (new); its results dict."""
+  import copy
+  shutil.copytree(tiny_run[0], str(workdir))
+  return copy.deepcopy(tiny_run[1])
 
 
 def snapshot(folder):

@@ -7,7 +7,7 @@ import numpy as np
 
 import pytest
 
-from conftest import tiny_config
+from conftest import copy_of_tiny_run, tiny_config
 from sslj import run_files, train
 
 
@@ -26,10 +26,11 @@ def _damage(checkpoint_dir):
         f.write(b'\x00garbage' * (size // 8 + 1))
 
 
-def test_unreadable_latest_checkpoint_falls_back_to_the_previous(data_dir, tmp_path, caplog):
-  config = _config(data_dir)
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous(data_dir, tmp_path, tiny_run,
+                                                                 caplog):
+  config = _config(data_dir)  # = tiny_config(): the session's tiny run, copied
   workdir = str(tmp_path / 'run')
-  reference = train.train_and_evaluate(config, workdir)
+  reference = copy_of_tiny_run(tiny_run, workdir)
   checkpoints = os.path.join(workdir, 'checkpoints')
   assert sorted(os.listdir(checkpoints)) == ['12', '6']
   _damage(os.path.join(checkpoints, '12'))

@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, copy_of_tiny_run, tiny_config
 from sslj import checkpoint, train
 
 
@@ -28,9 +28,10 @@ def _read(path):
     return json.load(f)
 
 
-def test_run_writes_results_metrics_and_checkpoints(tmp_path, data_dir):
-  config = tiny_config(**{'data.data_dir': data_dir})
-  results = train.train_and_evaluate(config, str(tmp_path))
+def test_run_writes_results_metrics_and_checkpoints(tmp_path, tiny_run):
+  # The session's tiny run (`tiny_config()` trained by train_and_evaluate), copied.
+  tmp_path = tmp_path / 'run'
+  results = copy_of_tiny_run(tiny_run, tmp_path)
   written = _read(tmp_path / 'results.json')
   assert written == json.loads(json.dumps(results))
   assert set(written) == {'method', 'dataset', 'labels_per_class', 'seed', 'num_steps',
@@ -60,10 +61,10 @@ def test_eval_at_adds_early_evaluations_and_bad_lists_fail_first(tmp_path, data_
   assert not (tmp_path / 'bad').exists()
 
 
-def test_interrupted_run_resumes_to_the_same_end(tmp_path, data_dir, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_end(tmp_path, data_dir, tiny_run, monkeypatch):
   config = tiny_config(**{'data.data_dir': data_dir})
-  straight = tmp_path / 'straight'
-  expected = train.train_and_evaluate(config, str(straight))
+  straight = tmp_path / 'straight'  # the session's run of this config, copied
+  expected = copy_of_tiny_run(tiny_run, straight)
 
   resumed = tmp_path / 'resumed'
   real_save = checkpoint.Checkpointer.save

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import ROOT, replace_method, tiny_config
+from conftest import ROOT, copy_of_tiny_run, replace_method, tiny_config
 from sslj import cli, run_files, train
 from sslj.errors import UserError
 from sslj.use import restore
@@ -68,9 +68,10 @@ def _expected_tile(values):
 
 
 @pytest.fixture(scope='module')
-def sup_run(tmp_path_factory, data_dir):
-  workdir = str(tmp_path_factory.mktemp('sup'))
-  results = train.train_and_evaluate(tiny_config(**{'data.data_dir': data_dir}), workdir)
+def sup_run(tmp_path_factory, tiny_run):
+  """The session's tiny supervised run, copied: drawing writes into it."""
+  workdir = str(tmp_path_factory.mktemp('sup') / 'run')
+  results = copy_of_tiny_run(tiny_run, workdir)
   return workdir, results
 
 
