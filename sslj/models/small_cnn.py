@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sslj.models.heads import classifier_heads
-from sslj.ops import pooling
+from sslj.ops import activations, pooling
 
 # Stages pool only while the map is at least this high (see module docstring).
 MIN_POOL_HEIGHT = 8
@@ -66,7 +66,11 @@ class SmallCNN(nn.Module):
     x = jnp.asarray(x, self.dtype)
     for i, width in enumerate(self.widths):
       kernel = self.first_kernel_size if i == 0 else 3
-      x = nn.relu(norm()(conv(width, kernel_size=(kernel, kernel))(x)))
+      bn = norm()
+      x = bn(conv(width, kernel_size=(kernel, kernel))(x))
+      # nn.relu's values and gradient, against a per-channel zero that XLA:CPU
+      # does not materialise at the activation's size (sslj.ops.activations).
+      x = activations.relu(x, activations.channel_zero(bn.variables['params']['bias'], x.dtype))
       if i < len(self.widths) - 1 and x.shape[1] >= MIN_POOL_HEIGHT:
         x = pooling.max_pool(x, (2, 2), strides=(2, 2))
     # Pool in float32: a bf16 mean over many positions loses precision.
