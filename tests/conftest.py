@@ -73,8 +73,8 @@ def snapshot(folder):
   return files
 
 
-def tiny_config(method='supervised', arg='', **overrides):
-  """A config of `configs/<method>.py` shrunk to seconds on a CPU."""
+def config_of(method, arg=''):
+  """`configs/<method>.py`'s `get_config(arg)`, unlocked."""
   import importlib.util
   spec = importlib.util.spec_from_file_location(
       f'config_{method}', os.path.join(ROOT, 'configs', f'{method}.py'))
@@ -82,6 +82,12 @@ def tiny_config(method='supervised', arg='', **overrides):
   spec.loader.exec_module(module)
   config = module.get_config(arg)
   config.unlock()
+  return config
+
+
+def tiny_config(method='supervised', arg='', **overrides):
+  """A config of `configs/<method>.py` shrunk to seconds on a CPU."""
+  config = config_of(method, arg)
   config.num_steps = 12
   config.batch_size = 16
   config.eval_batch_size = 100
@@ -102,3 +108,30 @@ def replace_method(monkeypatch, name, **fields):
   definition = dataclasses.replace(methods.get(name), **fields)
   monkeypatch.setitem(base._REGISTRY, name, definition)  # pylint: disable=protected-access
   return definition
+
+
+def mean_teacher_states(num_steps=3):
+  """The Mean Teacher state after `num_steps` train steps of the Fashion-MNIST config
+  (batch 32) on synthetic 28x28 images with black bands, as Fashion-MNIST's
+  backgrounds: ties in every max-pool window and ReLU."""
+  from benchmarks import common
+  config = common.load_config(
+      'configs/mean_teacher.py:dataset=fashion_mnist,labels_per_class=10', {'batch_size': 32})
+  data = common.synthetic_data((28, 28, 1), labeled=40, unlabeled=64)
+  data.labeled_images[:, :9] = 0
+  data.unlabeled_images[:, :9] = 0
+  step = common.TrainStep(config, data, donate=False)
+  state, bad = step.fresh_carry()
+  for _ in range(num_steps):
+    state, bad, _ = step.jitted(state, bad, step.train_data, step.base_key)
+  return state
+
+
+def assert_trees_equal(a, b):
+  """Every leaf of `a` equals `b`'s exactly (`==`; typed keys by their data)."""
+  import jax
+  import jax.numpy as jnp
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    assert bool((x == y).all()), float(jnp.abs(x - y).max())

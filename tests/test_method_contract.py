@@ -8,7 +8,6 @@ for a network that does not classify the dataset's classes), and its
 pictures. A new method gets all of this by registering.
 """
 
-import importlib.util
 import json
 import os
 
@@ -16,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, config_of, tiny_config
 
 import sslj
 from sslj import configlib, methods, train
@@ -35,12 +34,7 @@ TINY = {'num_steps': 2, 'eval_batch_size': 64, 'log_every': 1,
 
 def contract_config(name, data_dir):
   """configs/<name>.py at its own batch sizes, for TINY's steps."""
-  spec = importlib.util.spec_from_file_location(
-      f'contract_{name}', os.path.join(ROOT, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(None)
-  config.unlock()
+  config = config_of(name)
   configlib.set_fields(config, {'data.data_dir': data_dir, **TINY})
   config.lock()
   return config
