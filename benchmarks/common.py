@@ -134,7 +134,12 @@ def best_seconds(run_steps, repeats: int) -> float:
 
 
 def load_config(spec: str, overrides: dict | None = None):
-  """`configs/x.py[:arg]` as the launcher builds it, with dotted `overrides`."""
+  """`configs/x.py[:arg]` as the launcher builds it, with dotted `overrides`.
+
+  Every method is registered first, as the launcher's checks do, so the names
+  a method's module adds (its schedule names) are known to what reads the config.
+  """
+  methods.registry()
   path, _, arg = spec.partition(':')
   name = os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(f'bench_config_{name}',

@@ -53,7 +53,6 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common, torch_models
-from sslj import train
 from sslj.data import augment
 from sslj.methods import mean_teacher
 from sslj.ops import optim
@@ -108,8 +107,8 @@ class Settings:
       raise ValueError('the PyTorch step implements the augmentations flip, pad_crop, '
                        f'rotate_deg and noise_std only; got {spec}')
     labeled, unlabeled = mean_teacher.batch_split(config)
-    steps_per_epoch = mean_teacher.steps_per_epoch(config, data)
-    num_steps = train.num_steps_for(config, mean_teacher, data)
+    run_steps = mean_teacher.METHOD.steps(config, data)
+    steps_per_epoch, num_steps = run_steps.per_epoch, run_steps.total
     steps = np.arange(num_steps + 1)  # a constant schedule returns one number
     lr_table = np.broadcast_to(optim.learning_rate(opt, num_steps)(steps), steps.shape)
     return cls(

@@ -70,7 +70,12 @@ SCHEDULES = {'cosine': cosine, 'constant': constant, 'truncated_cosine': truncat
 
 
 def register_schedule(name: str, make) -> None:
-  """Adds a schedule name (a method's own name for one of these schedules, say)."""
+  """Adds a schedule name (a method's own name for one of these schedules, say).
+
+  A method's module registers its names when it is imported; the launcher,
+  the loop, restore and the benchmarks import every method
+  (`sslj.methods.registry()`) before reading a config.
+  """
   if SCHEDULES.get(name, make) is not make:
     raise ValueError(f'two schedules are registered as {name!r}')
   SCHEDULES[name] = make
