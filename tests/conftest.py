@@ -135,3 +135,21 @@ def assert_trees_equal(a, b):
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
       x, y = jax.random.key_data(x), jax.random.key_data(y)
     assert bool((x == y).all()), float(jnp.abs(x - y).max())
+
+
+def logits_and_gradients(model, x):
+  """(logits, (parameter gradients, input gradient)) of a mean log-likelihood of
+  `model` on `x` in training mode, computed under `jax.jit` (a fresh trace each call,
+  so a patched op in between is traced anew)."""
+  import jax
+  import jax.numpy as jnp
+  variables = model.init(jax.random.key(0), x, train=False)
+  labels = jnp.arange(len(x)) % 10
+
+  def loss(params, x):
+    logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                            mutable=['batch_stats'])
+    return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(x)), labels]), logits
+
+  grads, logits = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(variables['params'], x)
+  return logits, grads

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sslj.data import augment
+from sslj.data import augment, color
 from sslj.data.augment import AugmentSpec
 from sslj.errors import UserError
 
@@ -244,16 +244,16 @@ def test_saturation_and_hue_match_dm_pix(factor, delta):
   x[2] = 0.0                      # black
   x = jnp.asarray(x)
   factor, delta = jnp.float32(factor), jnp.float32(delta)
-  np.testing.assert_allclose(jax.jit(augment.adjust_saturation)(x, factor),
+  np.testing.assert_allclose(jax.jit(color.adjust_saturation)(x, factor),
                              _pix_saturation(x, factor), atol=2e-6)
-  np.testing.assert_allclose(jax.jit(augment.adjust_hue)(x, delta),
+  np.testing.assert_allclose(jax.jit(color.adjust_hue)(x, delta),
                              _pix_hue(x, delta), atol=2e-6)
 
 
 @pytest.mark.parametrize('spec', [
     dataclasses.replace(FULL, crop_scale=(0.3, 1.0), out_size=20),
     # Warp straight into saturation: the case XLA:CPU got wrong with dm-pix's
-    # fused HSV ops (see augment.adjust_saturation).
+    # fused HSV ops (see sslj.data.color).
     AugmentSpec(rotate_deg=20, saturation=0.3, hue=0.05, out_size=20)])
 def test_jitted_pipeline_equals_its_stages(spec):
   # The whole augmentation fused under jit must equal its stages run one by

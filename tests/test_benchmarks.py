@@ -219,7 +219,7 @@ def test_torch_twin_follows_the_config_schedule_and_teacher_decay(arg, schedule)
 @needs_torch
 def test_torch_shift_flip_matches_sslj_augment():
   """The same flips and pad-and-crop shifts give sslj's pixels exactly."""
-  from benchmarks import torch_mean_teacher as tmt
+  from benchmarks import torch_augment
   from sslj.data import augment
   images = np.random.default_rng(0).integers(0, 256, (32, 28, 28, 1), dtype=np.uint8)
   spec = augment.AugmentSpec(flip=True, pad_crop=2)  # fashion_mnist's
@@ -231,7 +231,7 @@ def test_torch_shift_flip_matches_sslj_augment():
   flip = torch.from_numpy(np.array(drawn.flip))
   shift = torch.from_numpy(np.array(drawn.shift).astype(np.int64))
   assert flip.any() and not flip.all() and (shift != 0).any()
-  got = tmt.shift_flip(torch.from_numpy(images).float() / 255, flip, shift)
+  got = torch_augment.shift_flip(torch.from_numpy(images).float() / 255, flip, shift)
   np.testing.assert_array_equal(got.numpy(), want)
 
 
