@@ -60,6 +60,9 @@ def get_config(arg=None):
       consistency_weight=30.0,
       rampup_epochs=30.0,        # sigmoid ramp-up of the consistency weight
       logit_distance_cost=0.01,  # > 0: two heads tied by this cost (dual output)
+      # The class loss: 'labeled' = mean cross-entropy over the labeled images;
+      # 'batch' = their sum divided by the whole batch (the reference codes).
+      class_loss_over='labeled',
   )
 
   if args.dataset == 'fashion_mnist':

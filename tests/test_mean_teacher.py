@@ -8,6 +8,7 @@ import pytest
 
 from conftest import tiny_config
 from sslj import train
+from sslj.errors import UserError
 from sslj.methods import mean_teacher
 from sslj.ops import consistency, ema
 
@@ -119,6 +120,25 @@ def test_teacher_is_the_average_and_keeps_its_own_batchnorm_statistics(data_dir)
   assert np.isfinite(float(metrics['loss']))
   assert float(metrics['consistency_weight']) == pytest.approx(
       config.mean_teacher.consistency_weight * np.exp(-5.0), rel=1e-5)
+
+
+def test_class_loss_over_the_batch_is_the_reference_codes_normalisation(data_dir):
+  losses = {}
+  for over in ('labeled', 'batch'):
+    config, method, state, batch = _built(data_dir, **{'mean_teacher.class_loss_over': over})
+    _, metrics = jax.jit(method.train_step)(state, batch, jax.random.key(5))
+    losses[over] = metrics
+  labeled, total = len(batch['labels']), config.batch_size
+  # Same images, same noise: the summed cross-entropy over all images of the batch.
+  np.testing.assert_allclose(float(losses['batch']['class_loss']),
+                             float(losses['labeled']['class_loss']) * labeled / total, rtol=1e-6)
+  np.testing.assert_array_equal(float(losses['batch']['consistency_loss']),
+                                float(losses['labeled']['consistency_loss']))
+  config = tiny_config('mean_teacher', **{'data.data_dir': data_dir,
+                                          'mean_teacher.labeled_batch_size': 4,
+                                          'mean_teacher.class_loss_over': 'all'})
+  with pytest.raises(UserError, match='class_loss_over'):
+    mean_teacher.METHOD.make(config, train.load_data(config))
 
 
 def test_cifar10_preset_trains_convlarge_with_input_noise(data_dir):

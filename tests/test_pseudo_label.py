@@ -113,8 +113,38 @@ def test_weight_is_zero_before_t1_in_a_step(data_dir):
                              + 1.5 * float(second['unlabeled_loss']), rtol=1e-5)
 
 
+def test_separate_passes_normalise_each_part_alone_and_only_labeled_statistics_move(data_dir):
+  _, method, state, batch = _built(data_dir)
+  preprocess = method.train_step.keywords['preprocess']
+  inputs = jax.jit(preprocess.train)(
+      jnp.concatenate([batch['labeled_images'], batch['unlabeled_images']]), jax.random.key(2))
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  forward = jax.jit(lambda x: state.apply_fn(variables, x, train=True, mutable=['batch_stats']))
+  labeled, labeled_updates = forward(inputs[:4])
+  unlabeled, _ = forward(inputs[4:])
+  total, aux = jax.jit(functools.partial(
+      pseudo_label.loss_fn, apply_fn=state.apply_fn, weight=2.0, threshold=0.0,
+      bn_passes='separate'))(state.params, state.batch_stats, inputs=inputs,
+                             labels=batch['labels'], dropout_key=jax.random.key(3))
+  # The running statistics are the labeled pass's alone.
+  # (rounded by another fusion of the same jitted arithmetic: equal to float32 precision)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), aux[5],
+               labeled_updates["batch_stats"])
+  joint, joint_aux = jax.jit(functools.partial(
+      pseudo_label.loss_fn, apply_fn=state.apply_fn, weight=2.0, threshold=0.0))(
+      state.params, state.batch_stats, inputs=inputs, labels=batch['labels'],
+      dropout_key=jax.random.key(3))
+  assert not np.allclose(np.asarray(joint_aux[4]), np.asarray(labeled))  # BatchNorm saw all 12
+  log_l = _np_log_softmax(np.asarray(labeled, np.float64))
+  log_u = _np_log_softmax(np.asarray(unlabeled, np.float64))
+  expected = -log_l[np.arange(4), batch['labels']].mean() + 2.0 * (-log_u.max(-1)).mean()
+  np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(aux[4]), np.asarray(labeled), rtol=1e-6, atol=1e-6)
+
+
 def test_bad_options_fail_before_compiling(data_dir):
-  for overrides, match in (({'pseudo_label.ramp_unit': 'hours'}, 'ramp_unit'),
+  for overrides, match in (({'pseudo_label.bn_passes': 'twice'}, 'bn_passes'),
+                           ({'pseudo_label.ramp_unit': 'hours'}, 'ramp_unit'),
                            ({'pseudo_label.t1': 5.0, 'pseudo_label.t2': 2.0}, 't1'),
                            ({'pseudo_label.threshold': -0.1}, 'threshold')):
     config = tiny_config('pseudo_label', **{'data.data_dir': data_dir, **overrides})

@@ -206,3 +206,51 @@ def test_bad_options_are_user_errors():
     randaugment.randaugment(images, jax.random.key(0), ops=('identity', 'warp_drive'))
   with pytest.raises(UserError, match='cutout'):
     randaugment.randaugment(images, jax.random.key(0), cutout_fraction=2.0)
+
+
+def _draws(options, n=2000, ops=OPS):
+  keys = jax.random.split(jax.random.key(0), n)
+  return jax.jit(jax.vmap(lambda k: randaugment.sample_params(
+      k, num_ops=2, num_choices=len(ops), hw=(8, 12), cutout_fraction=0.5,
+      options=options, ops=ops)))(keys)
+
+
+def test_reference_options_fixed_cutout_levels_and_op_probability():
+  default = _draws(randaugment.Options())
+  ref = _draws(randaugment.Options(op_probability=0.5, levels=10, cutout='fixed', fill=0.0))
+  # The ops and the Cutout centres are the same draws; only what the options change moves.
+  np.testing.assert_array_equal(np.asarray(ref.ops), np.asarray(default.ops))
+  np.testing.assert_array_equal(np.asarray(ref.cutout_center), np.asarray(default.cutout_center))
+  assert np.asarray(default.applied).all()
+  np.testing.assert_array_equal(np.asarray(ref.cutout_side), 4.0)  # 0.5 * min(8, 12), always
+  applied = np.asarray(ref.applied)
+  assert abs(applied.mean() - 0.5) < 0.03  # 4,000 Bernoulli(0.5) draws
+  signed = np.isin(np.asarray(ref.ops), [OPS.index(op) for op in randaugment.GEOMETRIC])
+  m = np.asarray(ref.magnitudes)
+  levels = np.arange(1, 11) / 10
+  np.testing.assert_allclose(np.sort(np.unique(m[~signed])), levels, rtol=1e-6)
+  # Signed ops: strength k/10 in either direction, read as 2m - 1.
+  np.testing.assert_allclose(np.sort(np.unique(np.round(2 * m[signed] - 1, 6))),
+                             np.concatenate([-levels[::-1], levels]), rtol=1e-5)
+
+
+def test_an_op_not_applied_leaves_the_image_and_fill_is_what_comes_in():
+  image = jnp.ones((8, 8, 1), jnp.float32)
+  params = randaugment.RandAugmentParams(
+      ops=jnp.array([OPS.index('rotate')]), magnitudes=jnp.array([1.0]),
+      cutout_center=jnp.array([0.0, 0.0]), cutout_side=jnp.float32(0.0),
+      applied=jnp.array([False]))
+  np.testing.assert_array_equal(randaugment.augment_one(image, params), image)
+  rotated = params._replace(applied=jnp.array([True]))
+  black = np.asarray(randaugment.augment_one(image, rotated, fill=0.0))
+  grey = np.asarray(randaugment.augment_one(image, rotated))
+  assert black[0, 0, 0] < 0.5 and grey[0, 0, 0] == pytest.approx(0.5 + 0.5 * (black[0, 0, 0]))
+  np.testing.assert_array_equal(black[3:5, 3:5], 1.0)  # the centre stays
+
+
+def test_bad_reference_options_are_user_errors():
+  images = np.zeros((2, 4, 4, 1), np.uint8)
+  for bad, match in [(dict(op_probability=1.5), 'probability'), (dict(levels=2.5), 'levels'),
+                     (dict(cutout='random'), 'cutout mode'), (dict(fill=-1.0), 'grey level')]:
+    with pytest.raises(UserError, match=match):
+      randaugment.randaugment(images, jax.random.key(0), options=randaugment.Options(**bad))

@@ -176,28 +176,58 @@ def pull_matrix(op: str, m, hw) -> jax.Array:
   return jnp.concatenate([a, b[:, None]], axis=1).astype(jnp.float32)
 
 
-def _geometric(op, image, m):
+def _geometric(op, image, m, fill=GREY):
   hw = image.shape[:2]
-  # Warping image - grey with zero fill puts grey where the map leaves the image.
-  out = augment.warp(image - GREY, pull_matrix(op, m, hw), hw, 'constant') + GREY
+  # Warping image - fill with zero fill puts `fill` where the map leaves the image.
+  out = augment.warp(image - fill, pull_matrix(op, m, hw), hw, 'constant') + fill
   return jnp.clip(out, 0, 1)
 
+
+GEOMETRIC = ('rotate', 'shear_x', 'shear_y', 'translate_x', 'translate_y')
 
 _BRANCHES = {
     'identity': _identity, 'autocontrast': _autocontrast, 'equalize': _equalize,
     'solarize': _solarize, 'color': _color, 'posterize': _posterize,
     'contrast': _contrast, 'brightness': _brightness, 'sharpness': _sharpness,
-    **{op: functools.partial(_geometric, op)
-       for op in ('rotate', 'shear_x', 'shear_y', 'translate_x', 'translate_y')},
+    **{op: functools.partial(_geometric, op) for op in GEOMETRIC},
 }
 
 
-def apply_op(image: jax.Array, op, magnitude, ops: tuple[str, ...] = OPS) -> jax.Array:
+class Options(NamedTuple):
+  """How the strong view draws its ops; the defaults are the FixMatch paper's reading.
+
+  Attributes:
+    op_probability: each of the `num_ops` drawn ops is applied with this
+      probability (1: always; the FixMatch and UDA reference codes' RandAugment
+      applies each with 0.5).
+    levels: 0 draws each magnitude uniformly in [0, 1]; L > 0 draws a strength
+      from {1, ..., L} / L, and the signed ops (rotate, shear, translate) a
+      random direction, as the reference codes' integer levels (1..10).
+    cutout: 'uniform' draws the Cutout square's side uniformly up to
+      `cutout_fraction` of the smaller side (the paper's Table 12);
+      'fixed' always cuts `cutout_fraction` of it (the reference codes).
+    fill: the value the geometric ops bring in from outside the image (0.5
+      grey as FixMatch's RandAugment code; 0 black as its CTAugment and the
+      PyTorch ports, the background of dark-background images).
+  """
+  op_probability: float = 1.0
+  levels: int = 0
+  cutout: str = 'uniform'
+  fill: float = GREY
+
+
+CUTOUT_MODES = ('uniform', 'fixed')
+
+
+def apply_op(image: jax.Array, op, magnitude, ops: tuple[str, ...] = OPS,
+             fill: float = GREY) -> jax.Array:
   """Applies `ops[op]` (an index, possibly traced) at `magnitude` in [0, 1].
 
-  `image` is float [H, W, C] in [0, 1]; so is the result.
+  `image` is float [H, W, C] in [0, 1]; so is the result. `fill` is what the
+  geometric ops bring in from outside the image.
   """
-  branches = [_BRANCHES[name] for name in ops]
+  branches = [functools.partial(_BRANCHES[name], fill=fill) if name in GEOMETRIC
+              else _BRANCHES[name] for name in ops]
   return jax.lax.switch(op, branches, image, jnp.asarray(magnitude, jnp.float32))
 
 
@@ -216,44 +246,73 @@ class RandAugmentParams(NamedTuple):
   magnitudes: jax.Array  # [num_ops] in [0, 1]
   cutout_center: jax.Array  # [2] (y, x) pixels
   cutout_side: jax.Array    # pixels
+  applied: jax.Array        # [num_ops] bool: whether each op acts
 
 
-def sample_params(key, *, num_ops: int, num_choices: int, hw,
-                  cutout_fraction: float) -> RandAugmentParams:
+def sample_params(key, *, num_ops: int, num_choices: int, hw, cutout_fraction: float,
+                  options: Options = Options(), ops: tuple[str, ...] = OPS) -> RandAugmentParams:
   k_ops, k_uniform = jax.random.split(key)
   u = jax.random.uniform(k_uniform, (num_ops + 3,), jnp.float32)
   size = jnp.array(hw, jnp.float32)
+  op_index = jax.random.randint(k_ops, (num_ops,), 0, num_choices)
+  magnitudes = u[:num_ops]
+  applied = jnp.ones((num_ops,), bool)
+  if options.levels or options.op_probability < 1:
+    # Draws of their own, so that the default options keep the draws above.
+    k_level, k_sign, k_apply = jax.random.split(jax.random.fold_in(key, 1), 3)
+    if options.levels:
+      strength = (jax.random.randint(k_level, (num_ops,), 1, options.levels + 1)
+                  / options.levels).astype(jnp.float32)
+      sign = jnp.where(jax.random.bernoulli(k_sign, 0.5, (num_ops,)), 1.0, -1.0)
+      signed = jnp.asarray([name in GEOMETRIC for name in ops])[op_index]
+      # The signed ops read m as -bound..bound (2m - 1): m = 1/2 +- strength/2.
+      magnitudes = jnp.where(signed, 0.5 + sign * strength / 2, strength)
+    if options.op_probability < 1:
+      applied = jax.random.uniform(k_apply, (num_ops,)) < options.op_probability
+  side = cutout_fraction * min(hw)
   return RandAugmentParams(
-      ops=jax.random.randint(k_ops, (num_ops,), 0, num_choices),
-      magnitudes=u[:num_ops],
+      ops=op_index, magnitudes=magnitudes,
       cutout_center=u[num_ops:num_ops + 2] * size,
-      cutout_side=u[-1] * cutout_fraction * min(hw))
+      cutout_side=(jnp.float32(side) if options.cutout == 'fixed' else u[-1] * side),
+      applied=applied)
 
 
-def augment_one(image, params: RandAugmentParams, ops: tuple[str, ...] = OPS):
+def augment_one(image, params: RandAugmentParams, ops: tuple[str, ...] = OPS,
+                fill: float = GREY):
   for i in range(params.ops.shape[0]):
-    image = apply_op(image, params.ops[i], params.magnitudes[i], ops)
+    changed = apply_op(image, params.ops[i], params.magnitudes[i], ops, fill)
+    image = jnp.where(params.applied[i], changed, image)
   return cutout(image, params.cutout_center, params.cutout_side)
 
 
-def check_options(ops, cutout_fraction: float) -> None:
-  """Raises UserError for unknown op names or a cutout fraction outside [0, 1]."""
+def check_options(ops, cutout_fraction: float, options: Options = Options()) -> None:
+  """Raises UserError for unknown op names or options outside their ranges."""
   unknown = sorted(set(ops) - set(OPS))
   if unknown or not ops:
     raise UserError(f'unknown RandAugment op(s) {unknown or "(none given)"}; '
                     f'choose from {", ".join(OPS)}')
   if not 0 <= cutout_fraction <= 1:
     raise UserError(f'cutout={cutout_fraction} is a fraction of the size; use 0 to 1')
+  if not 0 <= options.op_probability <= 1:
+    raise UserError(f'op_probability={options.op_probability} is a probability; use 0 to 1')
+  if int(options.levels) != options.levels or options.levels < 0:
+    raise UserError(f'levels={options.levels}: use 0 (continuous magnitudes) or a whole '
+                    'number of levels such as 10')
+  if options.cutout not in CUTOUT_MODES:
+    raise UserError(f"cutout mode '{options.cutout}' is unknown; use 'uniform' or 'fixed'")
+  if not 0 <= options.fill <= 1:
+    raise UserError(f'fill={options.fill} is a grey level; use 0 (black) to 1 (white)')
 
 
 def randaugment(images: jax.Array, key: jax.Array, *, num_ops: int = 2,
-                cutout_fraction: float = 0.5, ops: tuple[str, ...] = OPS) -> jax.Array:
+                cutout_fraction: float = 0.5, ops: tuple[str, ...] = OPS,
+                options: Options = Options()) -> jax.Array:
   """Strongly augments a batch [B, H, W, C] (uint8, or float in [0, 1]).
 
   Returns float32 in [0, 1]. Example b uses key split(key, B)[b], so the
   result depends only on (images, key) and the options.
   """
-  check_options(ops, cutout_fraction)
+  check_options(ops, cutout_fraction, options)
   if images.ndim != 4:
     raise UserError(f'randaugment wants images [B, H, W, C], got shape {images.shape}')
   if images.dtype == jnp.uint8:
@@ -263,6 +322,7 @@ def randaugment(images: jax.Array, key: jax.Array, *, num_ops: int = 2,
   keys = jax.random.split(key, images.shape[0])
   params = jax.vmap(functools.partial(
       sample_params, num_ops=num_ops, num_choices=len(ops), hw=hw,
-      cutout_fraction=cutout_fraction))(keys)
-  return jax.vmap(functools.partial(augment_one, ops=tuple(ops)))(images, params)
+      cutout_fraction=cutout_fraction, options=options, ops=tuple(ops)))(keys)
+  return jax.vmap(functools.partial(augment_one, ops=tuple(ops), fill=options.fill))(
+      images, params)
 

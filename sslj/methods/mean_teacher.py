@@ -65,7 +65,8 @@ def _heads(outputs):
 
 def train_step(state: MeanTeacherState, batch, key, *, preprocess: network.Preprocess,
                average: ema.ParameterEma, cost: Callable, consistency_weight: float,
-               rampup_epochs: float, logit_distance_cost: float, steps_per_epoch: int):
+               rampup_epochs: float, logit_distance_cost: float, steps_per_epoch: int,
+               class_loss_over: str = 'labeled'):
   """One Mean Teacher step: student update, then the teacher's weight average."""
   num_labeled = batch['labeled_images'].shape[0]
   images = jnp.concatenate([batch['labeled_images'], batch['unlabeled_images']])
@@ -87,6 +88,10 @@ def train_step(state: MeanTeacherState, batch, key, *, preprocess: network.Prepr
         mutable=['batch_stats'], rngs={'dropout': keys[3]})
     class_logits, cons_logits = _heads(out)
     class_loss = network.cross_entropy(class_logits[:num_labeled], batch['labels'])
+    if class_loss_over == 'batch':
+      # The reference codes' normalisation: the labeled images' summed
+      # cross-entropy over the whole batch (labeled and unlabeled).
+      class_loss = class_loss * (num_labeled / images.shape[0])
     cons_loss = cost(cons_logits, target)
     res_loss = (logit_distance_cost * consistency.logit_distance(class_logits, cons_logits)
                 if logit_distance_cost else jnp.zeros((), jnp.float32))
@@ -130,6 +135,10 @@ def build(config, data, steps: base.Steps) -> base.Method:
   mt = config.mean_teacher
   if mt.consistency not in _COSTS:
     raise UserError(f"mean_teacher.consistency='{mt.consistency}' is unknown; use 'mse' or 'kl'.")
+  if mt.class_loss_over not in ('labeled', 'batch'):
+    raise UserError(f"mean_teacher.class_loss_over='{mt.class_loss_over}' is unknown; use "
+                    "'labeled' (mean over the labeled images) or 'batch' (their sum over "
+                    "the whole batch, as the reference codes).")
   labeled, unlabeled = batch_split(config)
   epoch_steps = steps.per_epoch
   dual = mt.logit_distance_cost > 0
@@ -151,7 +160,8 @@ def build(config, data, steps: base.Steps) -> base.Method:
   step = functools.partial(
       train_step, preprocess=preprocess, average=average, cost=_COSTS[mt.consistency],
       consistency_weight=mt.consistency_weight, rampup_epochs=mt.rampup_epochs,
-      logit_distance_cost=mt.logit_distance_cost, steps_per_epoch=epoch_steps)
+      logit_distance_cost=mt.logit_distance_cost, steps_per_epoch=epoch_steps,
+      class_loss_over=mt.class_loss_over)
   return base.Method(init=init, train_step=step,
                      predict=functools.partial(predict, preprocess=preprocess),
                      reported_model='teacher', labeled_batch=labeled, unlabeled_batch=unlabeled)

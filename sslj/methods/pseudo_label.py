@@ -44,18 +44,34 @@ def unlabeled_weight(step, *, t1: float, t2: float, final_weight: float,
   return consistency.linear_ramp(progress, t1, t2, final_weight)
 
 
+BN_PASSES = ('joint', 'separate')
+
+
 def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *, weight,
-            threshold: float, targets=None):
+            threshold: float, targets=None, bn_passes: str = 'joint'):
   """Pseudo-Label's loss on `inputs` = [labeled; unlabeled].
 
+  `bn_passes='joint'` forwards all images in one pass (BatchNorm normalises
+  with, and its running statistics follow, the whole batch); 'separate'
+  forwards the labeled images, then the unlabeled ones, each normalised with
+  its own batch's statistics, and only the labeled pass updates the running
+  statistics (the reference code's frozen BatchNorm on the unlabeled pass).
   `targets`, if given, is (labels, mask) for the unlabeled images in place of
   the network's own argmax. Returns (loss, aux) with aux = (labeled loss,
   unlabeled loss, mask, max probability, labeled logits, new batch_stats).
   """
-  logits, updates = apply_fn({'params': params, 'batch_stats': batch_stats}, inputs,
-                             train=True, mutable=['batch_stats'], rngs={'dropout': dropout_key})
+  variables = {'params': params, 'batch_stats': batch_stats}
   num_labeled = labels.shape[0]
-  labeled, unlabeled = logits[:num_labeled], logits[num_labeled:]
+  if bn_passes == 'separate':
+    k_labeled, k_unlabeled = jax.random.split(dropout_key)
+    labeled, updates = apply_fn(variables, inputs[:num_labeled], train=True,
+                                mutable=['batch_stats'], rngs={'dropout': k_labeled})
+    unlabeled, _ = apply_fn(variables, inputs[num_labeled:], train=True,
+                            mutable=['batch_stats'], rngs={'dropout': k_unlabeled})
+  else:
+    logits, updates = apply_fn(variables, inputs, train=True, mutable=['batch_stats'],
+                               rngs={'dropout': dropout_key})
+    labeled, unlabeled = logits[:num_labeled], logits[num_labeled:]
   pseudo, mask, max_prob = pseudo_labels.hard_labels(unlabeled, threshold)
   if targets is not None:
     pseudo, mask = targets
@@ -66,14 +82,15 @@ def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *, weigh
 
 
 def train_step(state: base.TrainState, batch, key, *, preprocess: network.Preprocess,
-               weight_fn, threshold: float):
+               weight_fn, threshold: float, bn_passes: str = 'joint'):
   """One SGD step of Pseudo-Label's loss."""
   aug_key, dropout_key = jax.random.split(key)
   images = jnp.concatenate([batch['labeled_images'], batch['unlabeled_images']])
   inputs = preprocess.train(images, aug_key)
   weight = weight_fn(state.step)
   grad_fn = jax.value_and_grad(
-      functools.partial(loss_fn, weight=weight, threshold=threshold), has_aux=True)
+      functools.partial(loss_fn, weight=weight, threshold=threshold, bn_passes=bn_passes),
+      has_aux=True)
   (loss, aux), grads = grad_fn(state.params, state.batch_stats, state.apply_fn, inputs,
                                batch['labels'], dropout_key)
   labeled_loss, unlabeled_loss, mask, max_prob, labeled_logits, batch_stats = aux
@@ -108,6 +125,10 @@ def build(config, data, steps: base.Steps) -> base.Method:
     raise UserError(f'pseudo_label.t1={pl.t1} and t2={pl.t2} must satisfy 0 <= t1 <= t2.')
   if not 0 <= pl.threshold <= 1:
     raise UserError(f'pseudo_label.threshold={pl.threshold} is a probability; use 0 to 1.')
+  if pl.bn_passes not in BN_PASSES:
+    raise UserError(f"pseudo_label.bn_passes='{pl.bn_passes}' is unknown; use 'joint' (one "
+                    "forward pass of all images) or 'separate' (labeled, then unlabeled with "
+                    "frozen BatchNorm statistics).")
   labeled, unlabeled = batch_split(config)
   epoch_steps, num_steps = steps.per_epoch, steps.total
   model = network.build_model(config, data.num_classes)
@@ -131,7 +152,7 @@ def build(config, data, steps: base.Steps) -> base.Method:
   return base.Method(
       init=init,
       train_step=functools.partial(train_step, preprocess=preprocess, weight_fn=weight_fn,
-                                   threshold=pl.threshold),
+                                   threshold=pl.threshold, bn_passes=pl.bn_passes),
       predict=functools.partial(predict, preprocess=preprocess),
       reported_model='model', labeled_batch=labeled, unlabeled_batch=unlabeled)
 
