@@ -77,15 +77,19 @@ class StrongAugment:
 
 def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *,
             num_unlabeled: int, mask_fn: pseudo_labels.ConfidenceMask, mask_state=(),
-            indices=None, unlabeled_weight: float, targets=None):
+            indices=None, unlabeled_weight: float, targets=None, extra_loss=None):
   """FixMatch's loss on `inputs` = [labeled; weak unlabeled; strong unlabeled].
 
-  `mask_fn` decides which weak views' pseudo-labels count (`indices`: their
-  rows in the unlabeled pool, for masks with per-image state). `targets`, if
-  given, is (labels, mask) for the strong views, used in place of the
-  pseudo-labels of the weak views (the tests feed constants here).
+  `mask_fn` decides which weak views' pseudo-labels count, and how much
+  (`indices`: their rows in the unlabeled pool, for masks with per-image
+  state). `targets`, if given, is (labels, mask) for the strong views, used in
+  place of the pseudo-labels of the weak views (the tests feed constants here).
+  `extra_loss`, if given, is a further term `(strong logits, mask, new mask
+  state) -> (weighted value, {name: scalar})` added to the loss (FreeMatch's
+  fairness loss); FixMatch has none.
   Returns (loss, aux) with aux = (labeled loss, unlabeled loss, mask, max
-  probability, labeled logits, new batch_stats, new mask state).
+  probability, labeled logits, new batch_stats, new mask state, the extra
+  term's metrics).
   """
   logits, updates = apply_fn({'params': params, 'batch_stats': batch_stats}, inputs,
                              train=True, mutable=['batch_stats'], rngs={'dropout': dropout_key})
@@ -104,14 +108,24 @@ def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *,
   labeled_loss = network.cross_entropy(labeled, labels)
   unlabeled_loss = pseudo_labels.masked_cross_entropy(strong, pseudo, mask)
   loss = labeled_loss + unlabeled_weight * unlabeled_loss
+  extra_metrics = {}
+  if extra_loss is not None:
+    extra, extra_metrics = extra_loss(strong, mask, mask_state)
+    loss = loss + extra
   return loss, (labeled_loss, unlabeled_loss, mask, max_prob, labeled,
-                updates['batch_stats'], mask_state)
+                updates['batch_stats'], mask_state, extra_metrics)
 
 
 def train_step(state: FixMatchState, batch, key, *, preprocess: network.Preprocess,
                strong: StrongAugment, average: ema.ParameterEma,
-               mask_fn: pseudo_labels.ConfidenceMask, unlabeled_weight: float):
-  """One FixMatch step: SGD on the loss above, then the EMA."""
+               mask_fn: pseudo_labels.ConfidenceMask, unlabeled_weight: float,
+               extra_loss=None):
+  """One FixMatch step: SGD on the loss above, then the EMA.
+
+  FlexMatch, FreeMatch and SoftMatch run this step with their own `mask_fn`
+  (and FreeMatch with its `extra_loss`); its metrics then also hold the
+  mask's statistics (`mask_fn.describe`) and the extra term's.
+  """
   num_unlabeled = batch['unlabeled_images'].shape[0]
   k_labeled, k_weak, k_strong, k_dropout = jax.random.split(key, 4)
   inputs = jnp.concatenate([preprocess.train(batch['labeled_images'], k_labeled),
@@ -119,19 +133,24 @@ def train_step(state: FixMatchState, batch, key, *, preprocess: network.Preproce
                             strong(batch['unlabeled_images'], k_strong)])
   grad_fn = jax.value_and_grad(functools.partial(
       loss_fn, num_unlabeled=num_unlabeled, mask_fn=mask_fn, mask_state=state.mask_state,
-      indices=batch['unlabeled_indices'], unlabeled_weight=unlabeled_weight), has_aux=True)
+      indices=batch['unlabeled_indices'], unlabeled_weight=unlabeled_weight,
+      extra_loss=extra_loss), has_aux=True)
   (loss, aux), grads = grad_fn(state.params, state.batch_stats, state.apply_fn, inputs,
                                batch['labels'], k_dropout)
-  labeled_loss, unlabeled_loss, mask, max_prob, labeled_logits, batch_stats, mask_state = aux
+  (labeled_loss, unlabeled_loss, mask, max_prob, labeled_logits, batch_stats, mask_state,
+   extra_metrics) = aux
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   _, averaged = average.update({'params': params, 'batch_stats': batch_stats}, state.ema)
   state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                         opt_state=opt_state, ema=averaged, mask_state=mask_state)
   top1 = base.top_k_correct(labeled_logits, batch['labels'], 1).mean()
-  return state, {'loss': loss, 'labeled_loss': labeled_loss, 'unlabeled_loss': unlabeled_loss,
-                 'mask_rate': mask.mean(), 'max_prob': max_prob.mean(),
-                 'train_top1': 100 * top1}
+  metrics = {'loss': loss, 'labeled_loss': labeled_loss, 'unlabeled_loss': unlabeled_loss,
+             'mask_rate': mask.mean(), 'max_prob': max_prob.mean(), 'train_top1': 100 * top1}
+  if mask_fn.describe is not None:
+    metrics.update(mask_fn.describe(mask_state))
+  metrics.update(extra_metrics)
+  return state, metrics
 
 
 def predict(state: FixMatchState, images, *, preprocess: network.Preprocess):
@@ -145,20 +164,22 @@ def predict(state: FixMatchState, images, *, preprocess: network.Preprocess):
 PICTURE_IMAGES, PICTURE_VIEWS = 6, 7
 
 
-def strong_augment(config, data) -> StrongAugment:
-  fm = config.fixmatch
+def strong_augment(config, data, name: str = 'fixmatch') -> StrongAugment:
+  """The strong augmentation that `config.<name>`'s RandAugment fields ask for."""
+  fm = config[name]
   return StrongAugment(augment.AugmentSpec.from_config(config.augment), data.mean, data.std,
                        num_ops=fm.randaugment_num_ops, cutout=fm.cutout,
                        ops=tuple(fm.randaugment_ops))
 
 
-def pictures(state, config, data, seed: int) -> dict:
+def pictures(state, config, data, seed: int, *, name: str = 'fixmatch') -> dict:
   """The page's picture: unlabeled images, a weak view and strong views of each."""
   del state, seed  # drawn from the config's seed, like training's views
+  section = config[name]
   rng = np.random.default_rng(config.seed)
   index = np.sort(rng.choice(len(data.unlabeled_images), PICTURE_IMAGES, replace=False))
   images = np.asarray(data.unlabeled_images[index])
-  strong = strong_augment(config, data)
+  strong = strong_augment(config, data, name)
   key = jax.random.key(config.seed)
   weak = augment.augment_batch(images, jax.random.fold_in(key, 0), strong.spec)
   views = jax.jit(strong.views)(np.repeat(images, PICTURE_VIEWS, 0), jax.random.fold_in(key, 1))
@@ -172,35 +193,48 @@ def pictures(state, config, data, seed: int) -> dict:
   return {'weak_and_strong_views': (
       grid, f'{PICTURE_IMAGES} unlabeled training images, one per row: the image (framed in red), '
             f'one weak view (the pseudo-label\'s input) and {PICTURE_VIEWS} strong views '
-            f'(RandAugment, {config.fixmatch.randaugment_num_ops} ops, + Cutout up to '
-            f'{config.fixmatch.cutout:g} of the side), drawn with the training code.')}
+            f'(RandAugment, {section.randaugment_num_ops} ops, + Cutout up to '
+            f'{section.cutout:g} of the side), drawn with the training code.')}
 
 
-def batch_split(config) -> tuple[int, int]:
+def batch_split(config, name: str = 'fixmatch') -> tuple[int, int]:
   """(labeled, unlabeled) images per step: batch_size and mu * batch_size."""
-  return base.labeled_times_mu(config, config.fixmatch.mu, 'fixmatch')
+  return base.labeled_times_mu(config, config[name].mu, name)
 
 
-def steps_per_epoch(config, data) -> int:
+def steps_per_epoch(config, data, name: str = 'fixmatch') -> int:
   """An epoch is one pass over the unlabeled pool."""
-  return base.unlabeled_epoch_steps(config, data, batch_split(config)[1])
+  return base.unlabeled_epoch_steps(config, data, batch_split(config, name)[1])
 
 
 def build(config, data, steps: base.Steps) -> base.Method:
   fm = config.fixmatch
   if not 0 <= fm.threshold <= 1:
     raise UserError(f'fixmatch.threshold={fm.threshold} is a probability; use 0 to 1.')
-  labeled, unlabeled = batch_split(config)
+  return build_with_mask(config, data, steps, name='fixmatch',
+                         mask_fn=pseudo_labels.fixed_threshold(fm.threshold))
+
+
+def build_with_mask(config, data, steps: base.Steps, *, name: str,
+                    mask_fn: pseudo_labels.ConfidenceMask, extra_loss=None) -> base.Method:
+  """FixMatch's method with another mask (and an extra loss term).
+
+  `config.<name>` holds FixMatch's fields (mu, unlabeled_weight, ema_decay,
+  randaugment_num_ops, randaugment_ops, cutout); `mask_fn` and `extra_loss`
+  are as in `loss_fn`. The mask's state starts as `mask_fn.init(unlabeled
+  pool size, classes)` and is carried, and checkpointed, in the train state.
+  """
+  fm = config[name]
+  labeled, unlabeled = batch_split(config, name)
   model = network.build_model(config, data.num_classes)
   spec = augment.AugmentSpec.from_config(config.augment)
   if spec.out_size:
-    raise UserError('fixmatch does not support augment.out_size; resize the data instead.')
+    raise UserError(f'{name} does not support augment.out_size; resize the data instead.')
   preprocess = network.Preprocess(spec, data.mean, data.std)
   randaugment.check_options(tuple(fm.randaugment_ops), fm.cutout)
-  strong = strong_augment(config, data)
+  strong = strong_augment(config, data, name)
   tx = optim.make_optimizer(config.optimizer, steps.total)
   average = ema.parameter_ema(fm.ema_decay)
-  mask_fn = pseudo_labels.fixed_threshold(fm.threshold)
 
   def init(key):
     variables = network.init_variables(model, key, data.labeled_images.shape[1:], spec)
@@ -212,7 +246,8 @@ def build(config, data, steps: base.Steps) -> base.Method:
                          apply_fn=model.apply, tx=tx)
 
   step = functools.partial(train_step, preprocess=preprocess, strong=strong, average=average,
-                           mask_fn=mask_fn, unlabeled_weight=fm.unlabeled_weight)
+                           mask_fn=mask_fn, unlabeled_weight=fm.unlabeled_weight,
+                           extra_loss=extra_loss)
   return base.Method(init=init, train_step=step,
                      predict=functools.partial(predict, preprocess=preprocess),
                      reported_model='ema', labeled_batch=labeled, unlabeled_batch=unlabeled)

@@ -14,8 +14,9 @@ and `update(probs, indices, state) -> (mask, state)`, where `probs` are the
 weak views' class probabilities [B, K] and `indices` their rows in the
 unlabeled pool (the loop gives every step these). FixMatch's fixed threshold
 is the stateless case (`fixed_threshold`); thresholds that adapt per class
-from the predictions so far (FlexMatch, FreeMatch) keep their statistics in
-the state, which the method carries in its train state.
+from the predictions so far (FlexMatch, FreeMatch; `sslj.ops.thresholds`)
+keep their statistics in the state, which the method carries in its train
+state.
 
 References: Lee 2013, "Pseudo-Label: the simple and efficient semi-supervised
 learning method for deep neural networks"; Sohn et al. 2020, "FixMatch:
@@ -34,9 +35,14 @@ import optax
 
 class ConfidenceMask(NamedTuple):
   """Which pseudo-labels train: `init(num_unlabeled, num_classes) -> state`;
-  `update(probs [B, K], indices int32 [B], state) -> (mask float32 [B], state)`."""
+  `update(probs [B, K], indices int32 [B], state) -> (mask float32 [B], state)`.
+
+  The mask may be soft (a weight in [0, 1] per pseudo-label, SoftMatch's).
+  `describe(state) -> {name: scalar}`, if given, is what a train step logs of
+  the state (the mean threshold, say)."""
   init: Callable[[int, int], Any]
   update: Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+  describe: Callable[[Any], dict] | None = None
 
 
 def fixed_threshold(threshold: float) -> ConfidenceMask:

@@ -1,0 +1,71 @@
+r"""FlexMatch (Zhang et al. 2021): FixMatch with curriculum pseudo-labelling.
+
+Run:
+  python launch.py --config=configs/flexmatch.py --workdir=runs/flexmatch
+
+The default trains the small CNN on `digits` with 5 labels per class (50
+labeled images, the other 1,297 training images unlabeled) for FixMatch's
+digits budget: 3,000 steps of 16 labeled + 7 x 16 unlabeled images. It is
+for comparing FlexMatch with FixMatch (configs/fixmatch.py) and with the
+supervised baseline (configs/supervised.py:labels_per_class=5) at equal
+budget; the EMA model (`ema`) is the one reported.
+
+`batch_size` is the paper's B (labeled images per step); each step also
+draws `flexmatch.mu` * B unlabeled images. The paper's recipe (its CIFAR-10
+settings, and TorchSSL's/USB's configs) is the default: tau 0.95 with the
+threshold warm-up and the convex mapping x / (2 - x), lambda 1, hard
+pseudo-labels, SGD Nesterov 0.9 at lr 0.03 with weight decay 5e-4 and
+FixMatch's cosine, EMA 0.999, RandAugment (2 ops) + Cutout as the strong
+augmentation.
+
+Presets (config string):
+  configs/flexmatch.py:dataset=fashion_mnist,labels_per_class=10
+    sized for a CPU, FixMatch's Fashion-MNIST budget: 3,000 steps of 8
+    labeled + 7 x 8 unlabeled images.
+  configs/flexmatch.py:dataset=cifar10,labels_per_class=4
+    the paper's CIFAR-10 setting (40 labels; 25 or 400 for its 250 and
+    4,000): WRN-28-2 (`wrn28_2`), B = 64, mu = 7, 2^20 steps.
+"""
+
+from sslj import configlib
+from sslj.data import randaugment
+
+
+def get_config(arg=None):
+  args = configlib.parse_arg(arg, configlib.WRN_BENCHMARK_MODELS, labels_per_class='5')
+  config = configlib.base_config('flexmatch', args)
+  config.num_steps = 3000
+  config.batch_size = 16        # labeled images per step (the paper's B)
+  config.log_every = 100
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  config.optimizer.update(learning_rate=0.03, momentum=0.9, nesterov=True,
+                          weight_decay=5e-4, schedule='fixmatch_cosine')
+
+  config.flexmatch = dict(
+      mu=7,                       # unlabeled images per labeled image
+      threshold=0.95,             # tau: the class thresholds are M(beta_c) * tau
+      threshold_warmup=True,      # beta_c also divided by the unused images' count
+      unlabeled_weight=1.0,       # lambda_u
+      ema_decay=0.999,            # the reported model's parameter average
+      randaugment_num_ops=2,      # ops per strong view
+      randaugment_ops=randaugment.OPS,
+      cutout=0.5,                 # Cutout square side up to this fraction of the size
+  )
+
+  if args.dataset == 'fashion_mnist':
+    config.num_steps = 3000
+    config.batch_size = 8
+    config.eval_batch_size = 1000
+    config.eval_every = 500
+    config.checkpoint_every = 1000
+
+  if args.dataset == 'cifar10':
+    config.batch_size = 64
+    config.num_steps = 1 << 20
+    config.eval_batch_size = 1000
+    config.log_every = 1000
+    config.eval_every = 10000
+    config.checkpoint_every = 10000
+  config.lock()
+  return config
