@@ -49,9 +49,8 @@ def get_config(arg=None):
       n_sigma=2.0,                # the Gaussian's variance is divided by n_sigma^2
       unlabeled_weight=1.0,       # lambda_u (lambda_max is 1)
       ema_decay=0.999,            # the reported model's parameter average
-      randaugment_num_ops=2,      # ops per strong view
-      randaugment_ops=randaugment.OPS,
-      cutout=0.5,                 # Cutout square side up to this fraction of the size
+      # The strong view: RandAugment + Cutout (sslj.data.randaugment.strong_view_fields).
+      **randaugment.strong_view_fields(),
   )
 
   if args.dataset == 'fashion_mnist':

@@ -219,6 +219,28 @@ class Options(NamedTuple):
 CUTOUT_MODES = ('uniform', 'fixed')
 
 
+def strong_view_fields(**overrides) -> dict:
+  """The config fields of a strong view, for a method's config section.
+
+  `randaugment_num_ops` ops per view from `randaugment_ops`, then Cutout of
+  side (up to) `cutout` of the image; the other four are `Options`' fields.
+  """
+  fields = dict(randaugment_num_ops=2, randaugment_ops=OPS, cutout=0.5,
+                randaugment_op_probability=1.0, randaugment_levels=0,
+                cutout_mode='uniform', randaugment_fill=GREY)
+  unknown = set(overrides) - set(fields)
+  if unknown:
+    raise ValueError(f'not strong-view fields: {sorted(unknown)}')
+  return {**fields, **overrides}
+
+
+def options_from(section) -> Options:
+  """The `Options` of a config section holding `strong_view_fields()`."""
+  return Options(op_probability=float(section.randaugment_op_probability),
+                 levels=int(section.randaugment_levels), cutout=section.cutout_mode,
+                 fill=float(section.randaugment_fill))
+
+
 def apply_op(image: jax.Array, op, magnitude, ops: tuple[str, ...] = OPS,
              fill: float = GREY) -> jax.Array:
   """Applies `ops[op]` (an index, possibly traced) at `magnitude` in [0, 1].

@@ -59,8 +59,10 @@ class StrongAugment:
   """uint8 images -> weak augmentation -> RandAugment -> Cutout -> normalised."""
 
   def __init__(self, spec: augment.AugmentSpec, mean, std, *, num_ops: int,
-               cutout: float, ops: tuple[str, ...] = randaugment.OPS):
+               cutout: float, ops: tuple[str, ...] = randaugment.OPS,
+               options: randaugment.Options = randaugment.Options()):
     self.spec, self.num_ops, self.cutout, self.ops = spec, num_ops, cutout, tuple(ops)
+    self.options = options
     self.mean = jnp.asarray(mean, jnp.float32)
     self.std = jnp.asarray(std, jnp.float32)
 
@@ -72,7 +74,8 @@ class StrongAugment:
     weak_key, strong_key = jax.random.split(key)
     x = augment.augment_batch(images, weak_key, self.spec)
     return randaugment.randaugment(x, strong_key, num_ops=self.num_ops,
-                                   cutout_fraction=self.cutout, ops=self.ops)
+                                   cutout_fraction=self.cutout, ops=self.ops,
+                                   options=self.options)
 
 
 def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *,
@@ -169,7 +172,7 @@ def strong_augment(config, data, name: str = 'fixmatch') -> StrongAugment:
   fm = config[name]
   return StrongAugment(augment.AugmentSpec.from_config(config.augment), data.mean, data.std,
                        num_ops=fm.randaugment_num_ops, cutout=fm.cutout,
-                       ops=tuple(fm.randaugment_ops))
+                       ops=tuple(fm.randaugment_ops), options=randaugment.options_from(fm))
 
 
 def pictures(state, config, data, seed: int, *, name: str = 'fixmatch') -> dict:
@@ -231,7 +234,7 @@ def build_with_mask(config, data, steps: base.Steps, *, name: str,
   if spec.out_size:
     raise UserError(f'{name} does not support augment.out_size; resize the data instead.')
   preprocess = network.Preprocess(spec, data.mean, data.std)
-  randaugment.check_options(tuple(fm.randaugment_ops), fm.cutout)
+  randaugment.check_options(tuple(fm.randaugment_ops), fm.cutout, randaugment.options_from(fm))
   strong = strong_augment(config, data, name)
   tx = optim.make_optimizer(config.optimizer, steps.total)
   average = ema.parameter_ema(fm.ema_decay)
