@@ -17,7 +17,8 @@ T = 0.5, MixUp alpha = 0.75, lambda_U = 75 ramped up linearly, Adam at a
 constant lr 0.002 with decoupled weight decay 0.02 * lr on the kernels
 (sslj/methods/mixmatch.py), EMA 0.999, flips (not for digits) and small
 translations as the weak augmentation. The ramp-up spans 500 of the 3,000
-steps on the CPU presets (the code's 16,384 are 1/64 of its run).
+steps on the CPU presets, a choice not tuned here (the code's 16,384 steps
+are 1/64 of its run).
 
 Presets (config string):
   configs/mixmatch.py:dataset=fashion_mnist,labels_per_class=10

@@ -30,7 +30,8 @@ def _np_sharpen(p, t):
 
 
 def _np_mix(v, lam, perm):
-  """MixMatch Eqs. 8-11: lambda' = max(lambda, 1 - lambda), v' = lambda' v + (1 - lambda') v[perm]."""
+  """MixMatch Eqs. 8-11: lambda' = max(lambda, 1 - lambda),
+  v' = lambda' v + (1 - lambda') v[perm]."""
   lp = np.maximum(lam, 1 - lam).reshape((-1,) + (1,) * (v.ndim - 1))
   return lp * v + (1 - lp) * v[perm]
 
@@ -249,7 +250,8 @@ def built(data_dir):
 def test_one_step_updates_params_ema_and_batchnorm_from_the_first_interleaved_pass(built):
   _, method, state, batch = built
   key = jax.random.key(5)
-  new, metrics = jax.jit(method.train_step)(state, batch, key)
+  step = jax.jit(method.train_step)
+  new, metrics = step(state, batch, key)
   assert int(new.step) == 1 and int(new.ema.count) == 1
   assert set(metrics) >= {'loss', 'labeled_loss', 'unlabeled_loss', 'unlabeled_weight',
                           'guess_max_prob', 'mixup_lambda'}
@@ -262,6 +264,13 @@ def test_one_step_updates_params_ema_and_batchnorm_from_the_first_interleaved_pa
                                                           atol=1e-7),
                new.ema.average, state.params, new.params)
   assert not np.allclose(jax.tree.leaves(new.params)[0], jax.tree.leaves(state.params)[0])
+  # The next step: the ramp at 1/rampup_steps of the weight, the EMA's decay min(1 - 1/3, 0.999).
+  newer, later = step(new, batch, jax.random.key(6))
+  assert float(later['unlabeled_weight']) == pytest.approx(
+      75.0 / method.train_step.keywords['rampup_steps'])
+  jax.tree.map(lambda e, a, b: np.testing.assert_allclose(e, 2 / 3 * a + 1 / 3 * b, rtol=1e-6,
+                                                          atol=1e-7),
+               newer.ema.average, new.ema.average, newer.params)
 
   # The running statistics are those of one training pass over the first interleaved batch.
   kw = method.train_step.keywords

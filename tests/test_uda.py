@@ -75,9 +75,9 @@ def test_annealed_cross_entropy_drops_confident_labels_and_averages_over_the_kep
   assert 0 < float(fn(logits, labels, 0.5)[1].mean()) < 1
   assert float(fn(logits, labels, 0.0)[0]) == 0.0  # nothing kept: 0, not 0 / 0
   # eta = 1 keeps everything: the plain mean cross-entropy.
+  log_p = _np_log_softmax(logits.astype(np.float64))
   np.testing.assert_allclose(float(fn(logits, labels, 1.0)[0]),
-                             -_np_log_softmax(logits.astype(np.float64))[np.arange(8), labels].mean(),
-                             rtol=1e-6)
+                             -log_p[np.arange(8), labels].mean(), rtol=1e-6)
 
 
 def test_sharpened_kl_matches_numpy():
@@ -195,8 +195,13 @@ def test_one_step_updates_the_ema_and_logs_the_mask_and_tsa(built):
                              + float(metrics['unlabeled_loss']), rtol=1e-6)
   # Step 0 of 12 under the linear schedule: eta = 1/K.
   assert float(metrics['tsa_threshold']) == pytest.approx(0.1)
-  _, later = step(new, batch, jax.random.key(6))
+  newer, later = step(new, batch, jax.random.key(6))
   assert float(later['tsa_threshold']) == pytest.approx(0.1 + 0.9 / config.num_steps)
+  # Second EMA update: decay min(1 - 1/3, 0.999) = 2/3.
+  expected = jax.tree.map(lambda e, p: 2 / 3 * e + 1 / 3 * p, new.ema.average,
+                          {'params': newer.params, 'batch_stats': newer.batch_stats})
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               newer.ema.average, expected)
   assert 0 <= float(metrics['mask_rate']) <= 1 and 0 < float(metrics['tsa_kept']) <= 1
   out = jax.jit(method.predict)(new, batch['unlabeled_images'])
   assert set(out) == {'model', 'ema'} and method.reported_model == 'ema'
