@@ -53,9 +53,8 @@ def get_config(arg=None):
       unlabeled_weight=1.0,       # lambda
       tsa='none',                 # training signal annealing: none, linear, log, exp
       ema_decay=0.999,            # the reported model's average
-      randaugment_num_ops=2,      # ops per strong view
-      randaugment_ops=randaugment.OPS,
-      cutout=0.5,                 # Cutout square side up to this fraction of the size
+      # The strong view: RandAugment + Cutout (sslj.data.randaugment.strong_view_fields).
+      **randaugment.strong_view_fields(),
   )
 
   if args.dataset == 'fashion_mnist':

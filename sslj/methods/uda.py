@@ -198,11 +198,12 @@ def build(config, data, steps: base.Steps) -> base.Method:
   spec = augment.AugmentSpec.from_config(config.augment)
   if spec.out_size:
     raise UserError('uda does not support augment.out_size; resize the data instead.')
-  randaugment.check_options(tuple(u.randaugment_ops), u.cutout)
+  randaugment.check_options(tuple(u.randaugment_ops), u.cutout, randaugment.options_from(u))
   model = network.build_model(config, data.num_classes)
   preprocess = network.Preprocess(spec, data.mean, data.std)
   strong = StrongAugment(spec, data.mean, data.std, num_ops=u.randaugment_num_ops,
-                         cutout=u.cutout, ops=tuple(u.randaugment_ops))
+                         cutout=u.cutout, ops=tuple(u.randaugment_ops),
+                         options=randaugment.options_from(u))
   tx = optim.make_optimizer(config.optimizer, steps.total)
   average = ema.parameter_ema(u.ema_decay)
   mask_fn = pseudo_labels.fixed_threshold(u.threshold)
