@@ -18,7 +18,10 @@ labeled one. epsilon is the L2 norm of each image's perturbation over all
 its pixels, in the normalised units the network sees (per-channel mean and
 std), so it grows with the image: the digits default 1.0 is about 0.125 of
 a standard deviation per pixel of the 8x8 images, as USB's 6.0 is about
-0.11 per value of a 32x32x3 CIFAR-10 image.
+0.11 per value of a 32x32x3 CIFAR-10 image. It was picked from a
+1,000-step sweep of 0.5, 1, 2 and 4 (with and without the entropy term)
+on digits, seed 0, where 1 and 2 tied and the entropy term changed
+little; every setting of the sweep beat the supervised baseline there.
 
 Presets (config string; not measured here):
   configs/vat.py:dataset=fashion_mnist,labels_per_class=10

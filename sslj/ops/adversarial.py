@@ -24,7 +24,7 @@ gradient vanished.
 
 References: Miyato, Maeda, Koyama, Ishii 2018, "Virtual adversarial
 training: a regularization method for supervised and semi-supervised
-learning", TPAMI (Sec. 3.3, Eq. 7-13: the power iteration and the finite
+learning", TPAMI (Sec. 3: the power iteration and the finite
 difference); reference code github.com/takerum/vat_tf (`vat.py`:
 `get_normalized_vector`, `generate_virtual_adversarial_perturbation`).
 """
