@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import config_of, tiny_config
 from sslj import train
 from sslj.errors import UserError
 from sslj.methods import pi_model
@@ -125,6 +125,21 @@ def test_one_step_moves_params_and_with_zero_weight_is_supervised(built):
   np.testing.assert_allclose(_flat(new0.params), _flat(expected.params), rtol=1e-5, atol=1e-6)
   assert not np.allclose(_flat(new0.params), _flat(new.params))
 
+  # BatchNorm: the running statistics are the second pass's update alone, from the
+  # statistics the step started with (the paper's code keeps its second branch's).
+  @jax.jit
+  def pass_statistics(aug_key, dropout_key):
+    x = method.train_step.keywords['preprocess'].train(images, aug_key)
+    return state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, x,
+                          train=True, mutable=['batch_stats'],
+                          rngs={'dropout': dropout_key})[1]['batch_stats']
+
+  aug_key_1, aug_key_2, dropout_key_1, dropout_key_2 = jax.random.split(key, 4)
+  second = pass_statistics(aug_key_2, dropout_key_2)
+  np.testing.assert_allclose(_flat(new.batch_stats), _flat(second), rtol=1e-6, atol=1e-7)
+  assert not np.allclose(_flat(new.batch_stats), _flat(pass_statistics(aug_key_1, dropout_key_1)),
+                         atol=1e-5)
+
 
 @pytest.mark.parametrize('overrides, match', [
     ({'pi_model.labeled_batch_size': 16}, 'pi_model.labeled_batch_size=16 must be between 1'),
@@ -143,3 +158,18 @@ def test_every_label_is_refused(data_dir):
                                                                 'pi_model.labeled_batch_size': 4})
   with pytest.raises(UserError, match='needs unlabeled images'):
     pi_model.METHOD.make(config, train.load_data(config))
+
+
+def test_presets_follow_the_references():
+  fashion = config_of('pi_model', 'dataset=fashion_mnist,labels_per_class=10')
+  assert (fashion.num_steps, fashion.batch_size, fashion.pi_model.labeled_batch_size) == (
+      3000, 64, 8)    # FixMatch's Fashion-MNIST budget: 8 labeled + 56 unlabeled a step
+  cifar = config_of('pi_model', 'dataset=cifar10,labels_per_class=400')
+  assert cifar.model.name == 'wrn28_2' and cifar.model.dropout_rate == 0.0
+  assert (cifar.num_epochs, cifar.pi_model.rampup_epochs) == (300.0, 80.0)      # the paper
+  assert (cifar.batch_size, cifar.pi_model.labeled_batch_size,
+          cifar.pi_model.consistency_weight, cifar.pi_model.consistency_on,
+          cifar.pi_model.stop_gradient) == (128, 64, 10.0, 'unlabeled', True)  # USB
+  assert (cifar.optimizer.learning_rate, cifar.optimizer.weight_decay,
+          cifar.optimizer.schedule, cifar.augment.noise_std) == (0.03, 5e-4, 'truncated_cosine', 0.0)
+  assert config_of('pi_model', 'dataset=cifar10,model=convlarge').model.name == 'convlarge'

@@ -49,8 +49,25 @@ Choices, each stated against the paper and the two reference codes:
 * Noise: the two passes differ only by augmentation (`config.augment`),
   Gaussian input noise (`augment.noise_std`) and dropout
   (`model.dropout_rate`); the config turns dropout on, since `small_cnn`
-  has none by default. The paper's optimiser (Adam with its ramps of the
-  learning rate and beta1) is replaced by the library's (`config.optimizer`).
+  has none by default. Each pass draws all of its augmentation
+  independently, flips included, whereas the paper's code
+  (`iterate_minibatches_augment_pi`) decides one mirror flip per image for
+  both branches and draws only the translations (of up to 2 pixels)
+  independently; digits are never flipped, so the default is unaffected
+  (not measured elsewhere). USB's two passes are two independent weak
+  augmentations, as here.
+* Batching: labeled and unlabeled images share the two passes (one batch,
+  so BatchNorm's batch statistics cover both), as in the paper's code; USB
+  sends the labeled images through a pass of their own, once, and only the
+  unlabeled images twice.
+* Inputs and network: the library's per-channel mean/std normalisation
+  replaces the paper's ZCA whitening (CIFAR-10) and per-image
+  normalisation (SVHN), and the library's BatchNorm models replace its
+  mean-only BatchNorm with weight normalisation. The paper's optimiser
+  (Adam with its ramps of the learning rate and beta1) is replaced by the
+  library's (`config.optimizer`). The reported model is the trained
+  network, as in the paper's code; USB evaluates an EMA of the weights
+  (0.999) for every algorithm. None of these measured.
 
 References: Laine & Aila 2017, "Temporal ensembling for semi-supervised
 learning", ICLR (Sec. 2.1, the Pi-model); reference code
