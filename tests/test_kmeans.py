@@ -290,6 +290,10 @@ def test_bad_input_raises_user_error():
     km.kmeans(x, 3, num_iters=1, key=key, init='kmeans')
   with pytest.raises(UserError, match='unknown k-means init'):
     km.init_centroids(x, 3, key=key, method='greedy')
+  with pytest.raises(UserError, match=r"deep_cluster.kmeans_init='kmeans\+\+'"):
+    km.check_options('kmeans++', 1, fields=('deep_cluster.kmeans_init', 'n'))
+  with pytest.raises(UserError, match='kmeans_n_init must be an integer >= 1, got 0'):
+    km.check_options('random', 0, fields=('i', 'kmeans_n_init'))
   with pytest.raises(UserError, match='n_init=2 needs a seeding method'):
     km.kmeans(x, 3, num_iters=1, key=key, init=x[:3], n_init=2)
   for bad in (0, -1, 1.5, True):

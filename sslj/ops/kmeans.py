@@ -360,11 +360,17 @@ def _init(x, key, *, num_clusters, method, layout, mesh):
   return local(point_layout.shard_points(x, layout, mesh), key)
 
 
-def _check_method(method):
-  if not isinstance(method, str) or method not in INITS:
-    raise UserError(f"unknown k-means init {method!r}; use 'k-means++', "
-                    "'k-means++-plain', 'random' or an array of initial "
-                    'centroids')
+def check_options(init='k-means++', n_init=1, *, fields=('init', 'n_init')):
+  """Raises UserError unless `init` is a seeding name (or an array) and
+  `n_init` an integer >= 1; `fields` name them in the message (a method's
+  build checks its config's fields with it before anything is compiled)."""
+  if isinstance(init, str) and init not in INITS:
+    raise UserError(f"{fields[0]}={init!r} is an unknown k-means init; use "
+                    "'k-means++', 'k-means++-plain', 'random' or an array of "
+                    'initial centroids')
+  if (isinstance(n_init, bool) or not isinstance(n_init, (int, np.integer))
+      or n_init < 1):
+    raise UserError(f'{fields[1]} must be an integer >= 1, got {n_init!r}')
 
 
 def init_centroids(x, num_clusters: int, *, key, method: str = 'k-means++',
@@ -399,7 +405,9 @@ def init_centroids(x, num_clusters: int, *, key, method: str = 'k-means++',
   * no sample weights (every row weighs 1).
   Ties between candidates' potentials go to the first drawn, as np.argmin.
   """
-  _check_method(method)
+  if not isinstance(method, str):
+    raise UserError(f'method must be a seeding name, got {type(method).__name__}')
+  check_options(method, fields=('method', 'n_init'))
   x = _as_points(x)
   _check_counts(x.shape[0], num_clusters)
   layout = point_layout.checked_layout(x.shape[0], mesh, x.shape[0], num_clusters)
@@ -441,12 +449,9 @@ def kmeans(x, num_clusters: int, *, num_iters: int, key,
   _check_counts(n, num_clusters)
   if int(num_iters) < 0:
     raise UserError(f'num_iters must be >= 0, got {num_iters}')
-  if (isinstance(n_init, bool) or not isinstance(n_init, (int, np.integer))
-      or n_init < 1):
-    raise UserError(f'n_init must be an integer >= 1, got {n_init!r}')
+  check_options(init, n_init)
   layout = point_layout.checked_layout(n, mesh, chunk_size, num_clusters)
   if isinstance(init, str):
-    _check_method(init)
     centroids, labels, inertia = _fit(
         point_layout.place(x, layout, mesh), key, jnp.int32(num_iters),
         jnp.int32(n_init), num_clusters=num_clusters, method=init,
