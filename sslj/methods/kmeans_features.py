@@ -26,11 +26,11 @@ centroid reshapes to a p x p x C picture (`centroids.npz`).
 Departures from the papers: k-means is `sslj.ops.kmeans` (Lloyd with
 greedy k-means++ seeding, scikit-learn's, and faiss-style re-seeding of
 empty clusters; `kmeans_features.kmeans_init`) rather than Coates's damped
-k-means from random normal centroids, one run of it as there
-(`kmeans_features.kmeans_n_init` = 1; more keep the least inertia); the SVM's C is fixed by
-the config rather than chosen by cross-validation; the quadrant split of an
-odd grid gives the extra row/column to the top/left, as MATLAB's `round(n/2)`
-in Coates's code does.
+k-means from random normal centroids; one run, as there
+(`kmeans_features.kmeans_n_init` = 1; more keep the least inertia). The
+SVM's C is fixed by the config rather than chosen by cross-validation; the
+quadrant split of an odd grid gives the extra row/column to the top/left,
+as MATLAB's `round(n/2)` in Coates's code does.
 
 References:
   Coates, Lee & Ng, "An analysis of single-layer networks in unsupervised
