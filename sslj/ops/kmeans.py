@@ -387,8 +387,13 @@ def init_centroids(x, num_clusters: int, *, key, method: str = 'k-means++',
   proportional to the squared distance D^2(x) to the nearest centre so far),
   best meaning the least potential sum_x min(D^2(x), ||x - candidate||^2).
   'k-means++-plain' is the same D^2 sampling with one candidate per centre
-  and no potentials (k-means++ as the paper states it; about L times less
-  work, with worse seeds: see tests/test_kmeans.py). 'random' picks
+  and no potentials (k-means++ as the paper states it): cheaper, with worse
+  seeds (tests/test_kmeans.py). The greedy candidates cost an [L, rows]
+  matmul per centre and a centred copy of the local rows (memory: rows x
+  (d + L) floats more); measured on a shared 2-core CPU, 100,000 x 25
+  points, k = 400: 1.9 s against 0.8 s for plain seeding, and 16 against
+  7.5 s for 100,000 x 49, k = 1,600 (one Lloyd iteration: 0.08 and 0.5 s).
+  'random' picks
   `num_clusters` distinct rows uniformly. With a mesh the points stay
   sharded over its `data` axis; the draws are the same as on one device.
 
