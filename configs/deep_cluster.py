@@ -64,6 +64,8 @@ def get_config(arg=None):
       steps_per_epoch=0,       # 0: one pass over the unlabeled pool
       pca_dim=32,              # whitened to min(pca_dim, feature size); see the note
       kmeans_iters=20,         # Lloyd iterations per clustering
+      kmeans_init='k-means++',  # greedy k-means++; 'random' is faiss's (the reference's)
+      kmeans_n_init=1,         # best of this many k-means runs (faiss's nredo = 1)
       sobel=False,             # grayscale + Sobel filters in front of the network
       probe_c=1.0,             # inverse L2 strength of the linear probe
   )

@@ -42,6 +42,7 @@ def get_config(arg=None):
       num_clusters=50,
       pca_dim=64,                # whitened to min(pca_dim, feature size)
       kmeans_iters=30,           # Lloyd iterations of each clustering
+      kmeans_n_init=1,           # k-means runs per clustering, the least inertia kept
       refresh_epochs=5,          # 'network': re-cluster every this many epochs ...
       warmup_epochs=5,           # ... after this many on the labels alone
       patch_size=5,              # 'kmeans_features': the single-layer encoder

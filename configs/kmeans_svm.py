@@ -38,7 +38,8 @@ def get_config(arg=None):
       num_patches=100_000,   # random patches of unlabeled images for ZCA + k-means
       normalize_eps=10.0,    # per-patch contrast normalisation, pixels in 0..255
       zca_eps=0.1,
-      kmeans_init='k-means++',
+      kmeans_init='k-means++',  # greedy (scikit-learn's); 'k-means++-plain', 'random'
+      kmeans_n_init=1,          # k-means runs, the least inertia kept (Coates: one)
       svm_c=0.01,            # LinearSVC C on standardised features
       chunk_mb=256.0,        # memory budget of one feature-extraction call
   )

@@ -146,7 +146,8 @@ def test_pseudo_labels_are_kmeans_assignments_of_whitened_features(data_dir):
   white /= np.linalg.norm(white, axis=1, keepdims=True)
   # k-means is sign-blind per axis (the PCA signs are a convention).
   ref = kmeans.kmeans(white.astype(np.float32), 10, num_iters=config.deep_cluster.kmeans_iters,
-                      key=dc.kmeans_key(config.seed, 0))
+                      key=dc.kmeans_key(config.seed, 0), init=config.deep_cluster.kmeans_init,
+                      n_init=config.deep_cluster.kmeans_n_init)
   labels = np.asarray(state.tables.labels)
   np.testing.assert_array_equal(labels, np.asarray(ref.assignments))
   # The sampling tables describe the same partition.
@@ -161,6 +162,14 @@ def test_pseudo_labels_are_kmeans_assignments_of_whitened_features(data_dir):
   again = method.on_epoch_start(state, 1)
   assert float(again.cluster_metrics['nmi_previous']) == pytest.approx(
       metrics.normalized_mutual_info_score(labels, np.asarray(again.tables.labels)), rel=1e-6)
+
+
+def test_bad_kmeans_options_fail_at_build(data_dir):
+  for overrides, match in (({'deep_cluster.kmeans_init': 'kmeans'}, 'deep_cluster.kmeans_init'),
+                           ({'deep_cluster.kmeans_n_init': 0}, 'deep_cluster.kmeans_n_init')):
+    config = _config(data_dir, **overrides)
+    with pytest.raises(UserError, match=match):
+      dc.METHOD.make(config, train.load_data(config))
 
 
 def test_epoch_start_resets_the_head_and_its_momentum_only(data_dir):

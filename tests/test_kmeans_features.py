@@ -2,6 +2,7 @@
 their quadrant pooling against direct numpy loops; the SVM scores; a tiny run."""
 
 import json
+import types
 
 import jax
 import numpy as np
@@ -167,3 +168,8 @@ def test_config_defaults_follow_the_dataset_and_reject_a_network():
   bad = tiny_config('kmeans_svm', 'model=small_cnn')
   with pytest.raises(UserError, match='leave model unset'):
     kf.run_pipeline(bad, None, '/nonexistent')
+  pool = types.SimpleNamespace(unlabeled_images=np.zeros((2, 8, 8, 1), np.uint8))
+  for field, value in (('kmeans_init', 'kmeans'), ('kmeans_n_init', 0)):
+    bad = tiny_config('kmeans_svm', **{f'kmeans_features.{field}': value})
+    with pytest.raises(UserError, match=f'kmeans_features.{field}'):
+      kf.run_pipeline(bad, pool, '/nonexistent')

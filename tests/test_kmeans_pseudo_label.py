@@ -95,7 +95,8 @@ def test_step_trains_on_the_cluster_names_of_its_indices(data_dir):
 def test_bad_options_fail_before_compiling(data_dir):
   for overrides, match in (({'kmeans_pseudo_label.source': 'sift'}, 'source'),
                            ({'kmeans_pseudo_label.num_clusters': 1}, 'num_clusters'),
-                           ({'kmeans_pseudo_label.refresh_epochs': 0}, 'refresh_epochs')):
+                           ({'kmeans_pseudo_label.refresh_epochs': 0}, 'refresh_epochs'),
+                           ({'kmeans_pseudo_label.kmeans_n_init': 0}, 'kmeans_n_init')):
     with pytest.raises(UserError, match=match):
       _built(data_dir, **overrides)
 

@@ -24,11 +24,13 @@ The patch vectors are ordered (row, column, channel) everywhere, so a
 centroid reshapes to a p x p x C picture (`centroids.npz`).
 
 Departures from the papers: k-means is `sslj.ops.kmeans` (Lloyd with
-k-means++ seeding and faiss-style re-seeding of empty clusters) rather than
-Coates's damped k-means from random normal centroids; the SVM's C is fixed by
-the config rather than chosen by cross-validation; the quadrant split of an
-odd grid gives the extra row/column to the top/left, as MATLAB's `round(n/2)`
-in Coates's code does.
+greedy k-means++ seeding, scikit-learn's, and faiss-style re-seeding of
+empty clusters; `kmeans_features.kmeans_init`) rather than Coates's damped
+k-means from random normal centroids; one run, as there
+(`kmeans_features.kmeans_n_init` = 1; more keep the least inertia). The
+SVM's C is fixed by the config rather than chosen by cross-validation; the
+quadrant split of an odd grid gives the extra row/column to the top/left,
+as MATLAB's `round(n/2)` in Coates's code does.
 
 References:
   Coates, Lee & Ng, "An analysis of single-layer networks in unsupervised
@@ -110,12 +112,13 @@ def normalize_patches(x, eps: float):
 
 def fit(patches: np.ndarray, *, num_centroids: int, num_iters: int, key,
         normalize_eps: float, zca_eps: float, init: str = 'k-means++',
-        mesh=None) -> Encoder:
-  """Normalises, ZCA-whitens and clusters raw patches [n, d]."""
+        n_init: int = 1, mesh=None) -> Encoder:
+  """Normalises, ZCA-whitens and clusters raw patches [n, d] (the best of
+  `n_init` k-means runs)."""
   x = normalize_patches(jnp.asarray(patches, jnp.float32), normalize_eps)
   zca = whitening.zca_fit(x, eps=zca_eps)
   result = km.kmeans(whitening.zca_apply(zca, x), num_centroids, num_iters=num_iters,
-                     key=key, init=init, mesh=mesh)
+                     key=key, init=init, n_init=n_init, mesh=mesh)
   return Encoder(zca, result.centroids)
 
 
@@ -271,6 +274,8 @@ def run_pipeline(config, data, workdir: str):
   for ok, message in checks:
     if not ok:
       raise UserError(f'kmeans_features.{message} (got {dict(kf)}).')
+  km.check_options(kf.kmeans_init, kf.kmeans_n_init,
+                   fields=('kmeans_features.kmeans_init', 'kmeans_features.kmeans_n_init'))
   rng = np.random.default_rng(config.seed)
   patches = _timed(f'Sampling {kf.num_patches} patches of {kf.patch_size}x{kf.patch_size}',
                    sample_patches, data.unlabeled_images, kf.num_patches, kf.patch_size, rng)
@@ -279,7 +284,7 @@ def run_pipeline(config, data, workdir: str):
                    'iterations)', fit, patches, num_centroids=kf.num_centroids,
                    num_iters=config.num_steps, key=jax.random.key(config.seed),
                    normalize_eps=kf.normalize_eps, zca_eps=kf.zca_eps, init=kf.kmeans_init,
-                   mesh=mesh)
+                   n_init=kf.kmeans_n_init, mesh=mesh)
   if jax.process_index() == 0:
     h = w = kf.patch_size
     np.savez(os.path.join(workdir, 'centroids.npz'),

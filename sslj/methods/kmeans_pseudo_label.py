@@ -8,7 +8,10 @@ Every `refresh_epochs` epochs (`on_epoch_start`, a host hook of the loop):
    fitted once on patches of the unlabeled images) or 'network' (the network
    being trained, without augmentation, as DeepCluster does);
 2. they are PCA-whitened to min(pca_dim, D) dimensions, L2-normalised and
-   clustered by `sslj.ops.kmeans` into `num_clusters` clusters;
+   clustered by `sslj.ops.kmeans` into `num_clusters` clusters (greedy
+   k-means++ seeding and one run, scikit-learn's `KMeans` default, there
+   being no reference code; `kmeans_n_init` > 1 keeps the least inertia of
+   that many runs);
 3. each cluster is named by the majority class of the labeled images inside
    it (`sslj.ops.pseudo_labels.name_clusters`); an unlabeled image takes its
    cluster's name as its target, and images of clusters without a labeled
@@ -68,7 +71,8 @@ class KMeansPseudoLabelState(base.TrainState):
 
 def cluster_targets(features: np.ndarray, num_labeled: int, labeled_labels: np.ndarray,
                     test_features: np.ndarray, test_labels: np.ndarray, *, num_classes: int,
-                    num_clusters: int, pca_dim: int, num_iters: int, key, mesh=None):
+                    num_clusters: int, pca_dim: int, num_iters: int, key, n_init: int = 1,
+                    mesh=None):
   """Clusters [labeled; unlabeled] features and names the clusters.
 
   Returns:
@@ -76,7 +80,7 @@ def cluster_targets(features: np.ndarray, num_labeled: int, labeled_labels: np.n
   """
   result, fitted = deep_cluster.cluster_features(features, num_clusters=num_clusters,
                                                  pca_dim=pca_dim, num_iters=num_iters, key=key,
-                                                 mesh=mesh)
+                                                 n_init=n_init, mesh=mesh)
   clusters = np.asarray(jax.device_get(result.assignments))
   names, named = pseudo_labels.name_clusters(clusters[:num_labeled], labeled_labels,
                                              num_clusters=num_clusters, num_classes=num_classes)
@@ -142,7 +146,7 @@ def on_epoch_start(state: KMeansPseudoLabelState, epoch: int, *, features: Featu
       features(state, data.test_images), data.test_labels, num_classes=data.num_classes,
       num_clusters=kp.num_clusters, pca_dim=kp.pca_dim, num_iters=kp.kmeans_iters,
       key=jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _KMEANS_STREAM), epoch),
-      mesh=mesh)
+      n_init=kp.kmeans_n_init, mesh=mesh)
   logging.info('epoch %d: %s clusters of %s features; %.1f%% of the pool named; the named '
                'clusters score %.2f%% on the test images (%.1f s)', epoch, kp.num_clusters,
                kp.source, 100 * metrics['named_fraction'], metrics['cluster_test_top1'],
@@ -196,6 +200,8 @@ def build(config, data, steps: base.Steps) -> base.Method:
   if kp.refresh_epochs < 1 or kp.warmup_epochs < 0 or kp.pca_dim < 1:
     raise UserError('kmeans_pseudo_label.refresh_epochs and pca_dim must be >= 1 and '
                     f'warmup_epochs >= 0 (got {dict(kp)}).')
+  kmeans.check_options(n_init=kp.kmeans_n_init,
+                       fields=('', 'kmeans_pseudo_label.kmeans_n_init'))
   labeled, unlabeled = batch_split(config)
   mesh = parallel.make_mesh()
   model = network.build_model(config, data.num_classes)
