@@ -153,3 +153,15 @@ def logits_and_gradients(model, x):
 
   grads, logits = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(variables['params'], x)
   return logits, grads
+
+
+# The files that take longest go first, so that with two workers taking whole
+# files (pyproject's addopts) neither is left with a long file at the end.
+_LONGEST_FIRST = ('test_method_contract.py', 'test_pooling.py', 'test_benchmarks.py',
+                  'test_multihost.py', 'test_ssl_gan.py')
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
