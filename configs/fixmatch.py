@@ -5,7 +5,7 @@ Run:
 
 The default trains the small CNN on `digits` with 5 labels per class (50
 labeled images, the other 1,297 training images unlabeled) for 3,000 steps
-of 32 labeled + 7 x 32 unlabeled images; the EMA model (`ema`, the one
+of 16 labeled + 7 x 16 unlabeled images; the EMA model (`ema`, the one
 reported) should end above the supervised baseline trained on the same 50
 labels (configs/supervised.py:labels_per_class=5).
 
