@@ -18,9 +18,16 @@ With `logit_distance_cost > 0` the network has two heads (the paper's
 consistency head on the teacher's target, and a cost ties the two.
 
 Departures from the paper: the class loss is averaged over the labeled images
-of the batch (the released code sums it and divides by the whole batch,
-which only rescales it by the labeled fraction); the ramp-up is driven by
-the step count as a fraction of an epoch, as the code does per iteration.
+of the batch (`class_loss_over='labeled'`, the default), where both reference
+codes sum it and divide by the whole batch (`'batch'`). That is not a mere
+rescaling: it sets how much the consistency weight counts against the class
+loss. With 16 labeled images of 64 our class term is 4x theirs, so a weight
+w here is w / 4 in their units. On Fashion-MNIST with 10 labels per class
+(seed 0, 4,000 steps) the teacher reached 73.07 with ours and 72.36 with
+theirs at the same weight of 30. That is one seed, within the seeds' spread,
+so the default is not changed yet. The ramp-up is driven by the step count as a fraction of an
+epoch, as the TensorFlow code does per step; the PyTorch code ramps per
+integer epoch.
 
 References: Tarvainen & Valpola 2017, "Mean teachers are better role models:
 weight-averaged consistency targets improve semi-supervised deep learning
