@@ -17,6 +17,14 @@ minimisation.
 Departures from the paper: no denoising-autoencoder pre-training, and the
 network is the config's (the paper's is a dropout MLP on MNIST).
 
+BatchNorm (`bn_passes`): by default all images go through one forward pass,
+so BatchNorm normalises with, and its running statistics follow, the whole
+batch. USB's Pseudo-Label code forwards the labeled images, then the
+unlabeled ones with their running-statistics update undone (`freeze_bn`);
+`bn_passes='separate'` does that. On Fashion-MNIST with 10 labels per class
+(seed 0, 4,000 steps) it reached 74.24 against the joint pass's 73.75. That
+is one seed, so the default is not changed yet.
+
 References: Lee 2013, "Pseudo-Label: the simple and efficient semi-supervised
 learning method for deep neural networks" (Eq. 15-16).
 """
