@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sslj import checkpoint, logbook, methods, parallel, run_files
+from sslj import checkpoint, logbook, methods, parallel, provenance, run_files
 from sslj import preemption as preemption_lib
 from sslj.data import sources, splits
 from sslj.errors import UserError
@@ -324,6 +324,7 @@ def _finish(config, workdir, scores, reported_model, num_steps, wall_s):
       'labels_per_class': config.data.labels_per_class
       if config.data.labels_per_class is not None else 'all',
       'seed': config.seed, 'num_steps': num_steps, 'wall_s': round(wall_s, 2),
-      'top1': reported['top1'], 'top5': reported['top5'], 'models': scores}
+      'top1': reported['top1'], 'top5': reported['top5'], 'models': scores,
+      'provenance': provenance.record()}
   run_files.write_results(workdir, results)
   return results
