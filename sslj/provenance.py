@@ -41,7 +41,11 @@ def _git(*args: str) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict:
-  """The installed version, and the checkout's commit and whether it had local changes."""
+  """The installed version, and the checkout's commit and whether it had local changes.
+
+  Read once per process: `sslj.train` asks at the start of a run, so a checkout
+  edited while the run trains does not relabel it.
+  """
   try:
     version = importlib.metadata.version('sslj')
   except importlib.metadata.PackageNotFoundError:

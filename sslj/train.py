@@ -187,6 +187,7 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
     Interrupted: Ctrl-C stopped the run after saving a checkpoint.
   """
   started = time.perf_counter()
+  provenance.code_version()  # the checkout as this process loaded it, not as it is at the end
   definition = methods.get(config.method)
   logging.info('Preparing %s (%s labels per class)...', config.data.name,
                config.data.labels_per_class or 'all')
