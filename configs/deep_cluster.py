@@ -68,6 +68,8 @@ def get_config(arg=None):
       kmeans_n_init=1,         # best of this many k-means runs (faiss's nredo = 1)
       sobel=False,             # grayscale + Sobel filters in front of the network
       probe_c=1.0,             # inverse L2 strength of the linear probe
+      standardize='train',     # probe features scaled by every training image's statistics
+                               # ('labeled': the labeled images' own)
   )
 
   if args.dataset == 'fashion_mnist':

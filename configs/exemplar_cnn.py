@@ -48,6 +48,8 @@ def get_config(arg=None):
       patch_size=config_dict.placeholder(int),  # None: the whole image
       dropout_rate=0.0,        # on the fully connected layer (the paper's 0.5 below)
       svm_c=0.01,              # LinearSVC C on standardised features
+      standardize='train',     # SVM features scaled by every training image's statistics
+                               # ('labeled': the labeled images' own)
   )
   # The surrogate transformations (fields of sslj.data.augment.AugmentSpec).
   config.augment.update(flip=False, pad_crop=0, rotate_deg=20.0, translate=0.1,

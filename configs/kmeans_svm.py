@@ -41,6 +41,8 @@ def get_config(arg=None):
       kmeans_init='k-means++',  # greedy (scikit-learn's); 'k-means++-plain', 'random'
       kmeans_n_init=1,          # k-means runs, the least inertia kept (Coates: one)
       svm_c=0.01,            # LinearSVC C on standardised features
+      standardize='train',   # SVM features scaled by every training image's statistics, as
+                             # Coates et al. ('labeled': the labeled images' own)
       chunk_mb=256.0,        # memory budget of one feature-extraction call
   )
 

@@ -173,3 +173,57 @@ def test_config_defaults_follow_the_dataset_and_reject_a_network():
     bad = tiny_config('kmeans_svm', **{f'kmeans_features.{field}': value})
     with pytest.raises(UserError, match=f'kmeans_features.{field}'):
       kf.run_pipeline(bad, pool, '/nonexistent')
+
+
+def test_extraction_can_stream_its_chunks():
+  images = _images(n=7, h=8, w=8, c=1)
+  rng = np.random.default_rng(0)
+  encoder = kf.Encoder(kf.whitening.zca_fit(rng.normal(size=(100, 16)), 0.1),
+                       jax.numpy.asarray(rng.normal(size=(6, 16)), jax.numpy.float32))
+  budget = 3.5 * 4 * 25 * (16 + 3 * 6) / 2**20  # calls of 3 images
+  whole = kf.extract_features(images, encoder, patch=4, stride=1, normalize_eps=10.0,
+                              budget_mb=budget)
+  seen = []
+  assert kf.extract_features(images, encoder, patch=4, stride=1, normalize_eps=10.0,
+                             budget_mb=budget, on_chunk=lambda f, x: seen.append((f, x))) == {}
+  assert [len(x) for _, x in seen] == [3, 3, 1]
+  np.testing.assert_array_equal(np.concatenate([x for _, x in seen]), images)
+  for kind in kf.ACTIVATIONS:
+    np.testing.assert_array_equal(np.concatenate([f[kind] for f, _ in seen]), whole[kind])
+
+
+@pytest.mark.parametrize('standardize', ['train', 'labeled'])
+def test_the_svm_standardises_with_every_training_image_or_the_labeled_ones(
+    tmp_path, data_dir, standardize):
+  """The pipeline's SVM top-1 equals scikit-learn's on features rebuilt from centroids.npz."""
+  config = tiny_config('kmeans_svm', **{
+      'data.data_dir': data_dir, 'kmeans_features.num_patches': 3000,
+      'kmeans_features.num_centroids': 16, 'kmeans_features.patch_size': 4,
+      'kmeans_features.standardize': standardize})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  data = train.load_data(config)
+  with np.load(tmp_path / 'centroids.npz') as z:
+    encoder = kf.Encoder(kf.whitening.ZCAWhitening(z['zca_mean'], z['zca_matrix']),
+                         z['centroids'])
+  kfc = config.kmeans_features
+
+  def triangle(images):
+    return kf.extract_features(images, encoder, patch=kfc.patch_size, stride=kfc.stride,
+                               normalize_eps=kfc.normalize_eps, budget_mb=kfc.chunk_mb,
+                               kinds=('triangle',))['triangle'].astype(np.float64)
+
+  labeled, test = triangle(data.labeled_images), triangle(data.test_images)
+  fitted_on = (np.concatenate([labeled, triangle(data.unlabeled_images)])
+               if standardize == 'train' else labeled)
+  scaler = StandardScaler().fit(fitted_on)
+  svm = LinearSVC(C=kfc.svm_c, max_iter=10000).fit(scaler.transform(labeled),
+                                                  data.labeled_labels)
+  expected = 100 * np.mean(svm.predict(scaler.transform(test)) == data.test_labels)
+  assert results['models']['triangle']['top1'] == pytest.approx(expected, abs=1e-9)
+
+
+def test_a_bad_standardize_is_refused(tmp_path, data_dir):
+  config = tiny_config('kmeans_svm', **{'data.data_dir': data_dir,
+                                        'kmeans_features.standardize': 'test'})
+  with pytest.raises(UserError, match="kmeans_features.standardize must be one of"):
+    train.train_and_evaluate(config, str(tmp_path))

@@ -88,3 +88,44 @@ def test_top_k_ties_go_to_the_lower_class_index():
   assert probes.top_k_accuracy(scores, np.array([2, 0]), ks=(1,)) == {'top1': 50.0}
   assert probes.top_k_accuracy(scores, np.array([1, 3]), ks=(1, 3)) == {'top1': 50.0,
                                                                         'top3': 50.0}
+
+
+def test_moments_over_chunks_equal_one_pass_and_scikit_learns_scaler():
+  from sklearn.preprocessing import StandardScaler
+  x, _ = _features(5, 301, dim=9)
+  x[:, 4] = 3.0  # a constant feature keeps scale 1
+  moments = probes.Moments()
+  for start, stop in ((0, 1), (1, 64), (64, 64), (64, 300), (300, 301)):
+    moments.add(x[start:stop])
+  assert moments.count == 301
+  got = moments.standardizer()
+  np.testing.assert_allclose(got.mean, x.astype(np.float64).mean(0), rtol=1e-12, atol=1e-12)
+  reference = StandardScaler().fit(x.astype(np.float64))
+  np.testing.assert_allclose(got.scale, reference.scale_, rtol=1e-10)
+  assert got.scale[4] == 1.0
+  np.testing.assert_allclose(got(x), reference.transform(x.astype(np.float64)), rtol=1e-5,
+                             atol=1e-5)
+  with pytest.raises(ValueError):
+    probes.Moments().standardizer()
+
+
+def test_linear_probe_standardises_with_the_given_statistics():
+  """With a standardizer from a larger pool the probe is sklearn on that pool's scale."""
+  from sklearn.preprocessing import StandardScaler
+  train_x, train_y = _features(3, 40)
+  pool_x, _ = _features(6, 2000, spread=6.0)  # wider than the 40 labelled images
+  test_x, test_y = _features(4, 250)
+  standardizer = probes.Standardizer.fit(np.concatenate([train_x, pool_x]))
+  got = probes.linear_probe(train_x, train_y, test_x, test_y, num_classes=6, c=0.05,
+                            standardizer=standardizer)
+  scaler = StandardScaler().fit(np.concatenate([train_x, pool_x]).astype(np.float64))
+  reference = linear_model.LogisticRegression(C=0.05, max_iter=1000)
+  reference.fit(scaler.transform(train_x), train_y)
+  assert got['top1'] == pytest.approx(100 * reference.score(scaler.transform(test_x), test_y),
+                                      abs=1e-9)
+  own = probes.linear_probe(train_x, train_y, test_x, test_y, num_classes=6, c=0.05)
+  own_reference = linear_model.LogisticRegression(C=0.05, max_iter=1000)
+  own_scaler = StandardScaler().fit(train_x.astype(np.float64))
+  own_reference.fit(own_scaler.transform(train_x), train_y)
+  assert own['top1'] == pytest.approx(
+      100 * own_reference.score(own_scaler.transform(test_x), test_y), abs=1e-9)

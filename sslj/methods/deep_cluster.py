@@ -242,14 +242,14 @@ def predict(state, images):
 
 
 def finalize(state: DeepClusterState, data, *, features_fn, init, seed: int, probe_c: float,
-             batch_size: int, mesh) -> dict:
+             batch_size: int, mesh, standardize: str = 'train') -> dict:
   """Linear probes on the trained and on a random network's features."""
   random_state = frozen_features.random_network(init, seed, mesh)
   networks = {name: {'params': s.params, 'batch_stats': s.batch_stats}
               for name, s in (('linear_probe', state), ('random_net_probe', random_state))}
   return frozen_features.score_networks(
       features_fn, networks, data, functools.partial(probes.linear_probe, c=probe_c),
-      batch_size=batch_size, mesh=mesh)
+      batch_size=batch_size, mesh=mesh, standardize=standardize)
 
 
 def steps_per_epoch(config, data) -> int:
@@ -270,6 +270,7 @@ def build(config, data, steps: base.Steps) -> base.Method:
     raise UserError(f'deep_cluster.pca_dim={dc.pca_dim} must be at least 1.')
   kmeans.check_options(dc.kmeans_init, dc.kmeans_n_init,
                        fields=('deep_cluster.kmeans_init', 'deep_cluster.kmeans_n_init'))
+  frozen_features.check_standardize(dc.standardize, 'deep_cluster.standardize')
   mesh = parallel.make_mesh()
   spec = augment.AugmentSpec.from_config(config.augment)
   preprocess = network.Preprocess(spec, data.mean, data.std)
@@ -315,7 +316,7 @@ def build(config, data, steps: base.Steps) -> base.Method:
           batch_size=batch_size, mesh=mesh, init=dc.kmeans_init, n_init=dc.kmeans_n_init),
       finalize=functools.partial(finalize, features_fn=features_fn, init=init, seed=config.seed,
                                  probe_c=dc.probe_c, batch_size=config.eval_batch_size,
-                                 mesh=mesh),
+                                 mesh=mesh, standardize=dc.standardize),
       sample_unlabeled=lambda state, key, n: sample_uniform_over_clusters(state.tables, key, n))
 
 

@@ -180,7 +180,7 @@ def predict(state, images):
 
 
 def finalize(state: ExemplarState, data, *, init, seed: int, svm_c: float, batch_size: int,
-             mesh) -> dict:
+             mesh, standardize: str = 'train') -> dict:
   """Linear SVMs on the trained and on a random network's features."""
   random_state = frozen_features.random_network(init, seed, mesh)
 
@@ -195,7 +195,7 @@ def finalize(state: ExemplarState, data, *, init, seed: int, svm_c: float, batch
   return frozen_features.score_networks(
       features_fn, {'exemplar_svm': {'params': state.params},
                     'random_net_svm': {'params': random_state.params}},
-      data, svm, batch_size=batch_size, mesh=mesh)
+      data, svm, batch_size=batch_size, mesh=mesh, standardize=standardize)
 
 
 def patch_size(config, data) -> int:
@@ -215,6 +215,7 @@ def build(config, data, steps: base.Steps) -> base.Method:
     raise UserError(f"exemplar_cnn trains an Exemplar network: model must be 'exemplar_small' "
                     f"or 'exemplar_large', got '{config.model.name}'.")
   parallel.check_divisible(config.batch_size, 'batch_size')
+  frozen_features.check_standardize(ex.standardize, 'exemplar.standardize')
   patch = patch_size(config, data)
   index, corners = select_seeds(data.unlabeled_images, ex.num_seeds, patch,
                                 np.random.default_rng(config.seed))
@@ -242,7 +243,8 @@ def build(config, data, steps: base.Steps) -> base.Method:
       init=init, train_step=step, predict=predict, reported_model='exemplar_svm',
       labeled_batch=0, unlabeled_batch=0,
       finalize=functools.partial(finalize, init=init, seed=config.seed, svm_c=ex.svm_c,
-                                 batch_size=config.eval_batch_size, mesh=mesh))
+                                 batch_size=config.eval_batch_size, mesh=mesh,
+                                 standardize=ex.standardize))
 
 
 def reported(state: ExemplarState, config, data) -> base.Reported:

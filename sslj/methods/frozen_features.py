@@ -17,6 +17,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable
 
@@ -25,6 +26,8 @@ import jax
 import numpy as np
 
 from sslj import parallel
+from sslj.errors import UserError
+from sslj.ops import probes
 
 
 def network_features(features_fn, variables, images: np.ndarray, *, batch_size: int,
@@ -64,15 +67,40 @@ def probe_batch_size(batch_size: int, data, mesh) -> int:
   return -(-batch_size // mesh.devices.size) * mesh.devices.size
 
 
+STANDARDIZE = ('train', 'labeled')
+# Images per chunk when the statistics of every training image are gathered.
+MOMENTS_CHUNK = 4096
+
+
+def check_standardize(value, field: str) -> None:
+  if value not in STANDARDIZE:
+    raise UserError(f"{field} must be one of {list(STANDARDIZE)} ('train': the mean and "
+                    "deviation of every training image's features, labeled and unlabeled; "
+                    f"'labeled': the labeled images' own), got {value!r}.")
+
+
+def training_moments(features_of: Callable[[np.ndarray], np.ndarray], data) -> probes.Moments:
+  """Per-feature moments over every training image (labeled, then unlabeled), in chunks."""
+  moments = probes.Moments()
+  for images in (data.labeled_images, data.unlabeled_images):
+    for start in range(0, len(images), MOMENTS_CHUNK):
+      moments.add(features_of(images[start:start + MOMENTS_CHUNK]))
+  return moments
+
+
 def score_networks(features_fn, networks: dict, data, probe: Callable, *, batch_size: int,
-                   mesh) -> dict:
+                   mesh, standardize: str = 'train') -> dict:
   """`probe` fitted on each network's labeled-image features, scored on the test split.
 
   Args:
     features_fn: jitted `(variables, uint8 images) -> float32 [B, D]`.
     networks: {model name: variables}.
     data: the run's `SemiSupervisedData`.
-    probe: `(train_x, train_y, test_x, test_y, num_classes=) -> {'top1', 'top5'}`.
+    probe: `(train_x, train_y, test_x, test_y, num_classes=, standardizer=)
+      -> {'top1', 'top5'}`.
+    standardize: 'train' standardises the features with the statistics of
+      every training image (Coates et al.'s rule), 'labeled' with the labeled
+      images' own.
 
   Returns:
     {model name: {'top1', 'top5'}}.
@@ -81,11 +109,13 @@ def score_networks(features_fn, networks: dict, data, probe: Callable, *, batch_
   scores = {}
   for name, variables in networks.items():
     start = time.perf_counter()
-    train_x, test_x = (network_features(features_fn, variables, images, batch_size=batch_size,
-                                        mesh=mesh)
-                       for images in (data.labeled_images, data.test_images))
+    features_of = functools.partial(network_features, features_fn, variables,
+                                    batch_size=batch_size, mesh=mesh)
+    train_x, test_x = features_of(data.labeled_images), features_of(data.test_images)
+    standardizer = (training_moments(features_of, data).standardizer()
+                    if standardize == 'train' else None)
     scores[name] = probe(train_x, data.labeled_labels, test_x, data.test_labels,
-                         num_classes=data.num_classes)
+                         num_classes=data.num_classes, standardizer=standardizer)
     logging.info('%s: %d features, top-1 %.2f%%, top-5 %.2f%% (%.1f s).', name,
                  train_x.shape[1], scores[name]['top1'], scores[name]['top5'],
                  time.perf_counter() - start)

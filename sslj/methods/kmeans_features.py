@@ -16,9 +16,11 @@ A pipeline, not gradient training (`train.py` runs `run_pipeline`):
    f_k(x) = max(0, mean_j(z_j) - z_k) with z_k = ||x - c_k||; the "hard"
    baseline is the one-hot of the nearest centroid.
 5. `linear_svm_scores`: an L2-regularised squared-hinge linear SVM
-   (scikit-learn `LinearSVC`, one-vs-rest) on standardised features of the
-   labeled images; top-1/top-5 from its decision values on the test split.
-   Raw pixels go through the same SVM as the floor.
+   (scikit-learn `LinearSVC`, one-vs-rest) on the labeled images' features,
+   standardised with the mean and deviation of every training image's
+   features (labeled and unlabeled, as Coates et al.; `standardize='labeled'`
+   uses the labeled images' own); top-1/top-5 from its decision values on the
+   test split. Raw pixels go through the same SVM as the floor.
 
 The patch vectors are ordered (row, column, channel) everywhere, so a
 centroid reshapes to a p x p x C picture (`centroids.npz`).
@@ -55,7 +57,7 @@ import numpy as np
 
 from sslj import parallel
 from sslj.errors import UserError
-from sslj.methods import base
+from sslj.methods import base, frozen_features
 from sslj.ops import kmeans as km
 from sslj.ops import probes
 from sslj.ops import whitening
@@ -198,11 +200,13 @@ def chunk_images(image_shape, patch: int, stride: int, num_centroids: int,
 
 def extract_features(images: np.ndarray, encoder: Encoder, *, patch: int, stride: int,
                      normalize_eps: float, budget_mb: float, mesh=None,
-                     kinds: tuple[str, ...] = ACTIVATIONS) -> dict:
+                     kinds: tuple[str, ...] = ACTIVATIONS, on_chunk=None) -> dict:
   """`encode` over a host image set in chunks of one fixed size (one compile).
 
   Each chunk is padded to a multiple of the devices and sharded over the
-  mesh's `data` axis; the encoder is replicated.
+  mesh's `data` axis; the encoder is replicated. With `on_chunk`, each chunk's
+  {kind: features} goes to it instead and nothing is kept ({} is returned):
+  statistics of sets too large to hold.
   """
   mesh = mesh or parallel.make_mesh()
   devices = mesh.devices.size
@@ -218,26 +222,33 @@ def extract_features(images: np.ndarray, encoder: Encoder, *, patch: int, stride
       x = np.concatenate([x, np.zeros((chunk - real,) + x.shape[1:], x.dtype)])
     feats = encode(parallel.to_global(x, parallel.batch_sharded(mesh)), encoder,
                    patch=patch, stride=stride, normalize_eps=normalize_eps, kinds=kinds)
-    for kind, f in jax.device_get(feats).items():
-      out[kind].append(np.asarray(f[:real]))
+    feats = {kind: np.asarray(f[:real]) for kind, f in jax.device_get(feats).items()}
+    if on_chunk is not None:
+      on_chunk(feats, images[start:start + real])
+      continue
+    for kind, f in feats.items():
+      out[kind].append(f)
+  if on_chunk is not None:
+    return {}
   return {kind: np.concatenate(v) for kind, v in out.items()}
 
 
 def linear_svm_scores(train_x, train_y, test_x, test_y, *, num_classes: int, c: float,
-                      max_iter: int = 10000) -> dict:
+                      max_iter: int = 10000,
+                      standardizer: probes.Standardizer | None = None) -> dict:
   """Top-1/top-5 (percent) on the test set of a linear SVM fit on the train set.
 
-  Features are standardised with statistics of the train (labeled) set only;
+  Features are standardised with `standardizer` (statistics of training
+  images, never the test set) or, without one, the train (labeled) set's own;
   the SVM is scikit-learn's `LinearSVC` (one-vs-rest, squared hinge, L2), and
   the top-k come from its per-class decision values, scored by
   `sslj.ops.probes.top_k_accuracy` (classes absent from the train labels
   score -inf; ties go to the lower class index, as in the other probes).
   """
-  from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
   from sklearn.svm import LinearSVC  # pylint: disable=g-import-not-at-top
-  scaler = StandardScaler().fit(train_x)
-  svm = LinearSVC(C=c, max_iter=max_iter).fit(scaler.transform(train_x), train_y)
-  decision = svm.decision_function(scaler.transform(test_x))
+  scale = standardizer or probes.Standardizer.fit(train_x)
+  svm = LinearSVC(C=c, max_iter=max_iter).fit(scale(train_x), train_y)
+  decision = svm.decision_function(scale(test_x))
   if decision.ndim == 1:  # two classes: one column, positive = classes_[1]
     decision = np.stack([-decision, decision], axis=1)
   scores = np.full((len(test_x), num_classes), -np.inf)
@@ -276,6 +287,7 @@ def run_pipeline(config, data, workdir: str):
       raise UserError(f'kmeans_features.{message} (got {dict(kf)}).')
   km.check_options(kf.kmeans_init, kf.kmeans_n_init,
                    fields=('kmeans_features.kmeans_init', 'kmeans_features.kmeans_n_init'))
+  frozen_features.check_standardize(kf.standardize, 'kmeans_features.standardize')
   rng = np.random.default_rng(config.seed)
   patches = _timed(f'Sampling {kf.num_patches} patches of {kf.patch_size}x{kf.patch_size}',
                    sample_patches, data.unlabeled_images, kf.num_patches, kf.patch_size, rng)
@@ -303,13 +315,32 @@ def run_pipeline(config, data, workdir: str):
                features['triangle'].shape[1], elapsed, len(images) / elapsed)
   features['raw_pixels'] = images.reshape(len(images), -1).astype(np.float32)
 
+  standardizers = {}
+  if kf.standardize == 'train':
+    start = time.perf_counter()
+    moments = {name: probes.Moments() for name in features}
+
+    def add(feats, x):
+      feats['raw_pixels'] = x.reshape(len(x), -1).astype(np.float32)
+      for name, m in moments.items():
+        m.add(feats[name])
+
+    for name, m in moments.items():  # the labeled images' are already here
+      m.add(features[name][:num_labeled])
+    extract_features(data.unlabeled_images, encoder, patch=kf.patch_size, stride=kf.stride,
+                     normalize_eps=kf.normalize_eps, budget_mb=kf.chunk_mb, mesh=mesh,
+                     on_chunk=add)
+    standardizers = {name: m.standardizer() for name, m in moments.items()}
+    logging.info('Feature statistics of the %d training images took %.1f s.',
+                 moments['triangle'].count, time.perf_counter() - start)
+
   scores = {}
   for name in ('triangle', 'hard', 'raw_pixels'):
     f = features[name]
     start = time.perf_counter()
     scores[name] = linear_svm_scores(f[:num_labeled], data.labeled_labels, f[num_labeled:],
                                      data.test_labels, num_classes=data.num_classes,
-                                     c=kf.svm_c)
+                                     c=kf.svm_c, standardizer=standardizers.get(name))
     logging.info('SVM on %s features (%d): top-1 %.2f%%, top-5 %.2f%% (%.1f s).', name,
                  f.shape[1], scores[name]['top1'], scores[name]['top5'],
                  time.perf_counter() - start)

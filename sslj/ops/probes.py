@@ -6,7 +6,13 @@ by different methods (or by none) on equal terms.
 
 - `linear_probe`: multinomial logistic regression (scikit-learn, L-BFGS) on
   standardised features, trained on the labelled images: the frozen-feature
-  linear classifier of DeepCluster and of Exemplar-CNN's evaluation.
+  linear classifier of DeepCluster and of Exemplar-CNN's evaluation. The
+  standardisation's mean and deviation are the labelled images' own unless a
+  `Standardizer` from more images is given: the methods pass one from every
+  training image (labelled and unlabelled, `Moments`), as Coates et al.
+  standardise their k-means features; with 10 labelled images a class and
+  thousands of dimensions the labelled images alone give noisy deviations
+  that blow up features which barely vary.
 - `knn_probe`: each test image votes with its k most cosine-similar labelled
   images, neighbour i weighted by exp(s_i / T); the class with the largest
   summed weight wins. k=20 by default, a smaller k than the paper's ImageNet
@@ -46,6 +52,59 @@ LINEAR_C = 1.0
 KNN_CHUNK = 256
 
 
+class Standardizer:
+  """x -> (x - mean) / scale, scale = the deviation where it is > 0, else 1.
+
+  The same rule as scikit-learn's `StandardScaler` (population deviation,
+  constant features keep scale 1).
+  """
+
+  def __init__(self, mean, std):
+    self.mean = np.asarray(mean, np.float64)
+    std = np.asarray(std, np.float64)
+    self.scale = np.where(std > 0, std, 1.0)
+
+  @classmethod
+  def fit(cls, x) -> 'Standardizer':
+    x = np.asarray(x, np.float64)
+    return cls(x.mean(axis=0), x.std(axis=0))
+
+  def __call__(self, x) -> np.ndarray:
+    return ((np.asarray(x, np.float64) - self.mean) / self.scale).astype(np.float32)
+
+
+class Moments:
+  """Per-feature mean and deviation over feature chunks, in float64.
+
+  `add(x)` for each [n, D] chunk, then `standardizer()`: the statistics of all
+  rows added, without holding them (Chan et al.'s pairwise update, so chunks
+  of any size give the same numbers as one pass to rounding).
+  """
+
+  def __init__(self):
+    self.count, self.mean, self.m2 = 0, None, None
+
+  def add(self, x) -> None:
+    x = np.asarray(x, np.float64)
+    if not len(x):
+      return
+    n, mean = len(x), x.mean(axis=0)
+    m2 = ((x - mean) ** 2).sum(axis=0)
+    if self.count == 0:
+      self.count, self.mean, self.m2 = n, mean, m2
+      return
+    total = self.count + n
+    delta = mean - self.mean
+    self.mean = self.mean + delta * (n / total)
+    self.m2 = self.m2 + m2 + delta ** 2 * (self.count * n / total)
+    self.count = total
+
+  def standardizer(self) -> Standardizer:
+    if not self.count:
+      raise ValueError('no features were added')
+    return Standardizer(self.mean, np.sqrt(self.m2 / self.count))
+
+
 def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict:
   """{'top1': %, 'top5': %}: how often the label is among the k best scores.
 
@@ -78,11 +137,13 @@ def _check(train_features, train_labels, test_features, test_labels):
 
 
 def linear_probe(train_features, train_labels, test_features, test_labels, *,
-                 num_classes: int, c: float = LINEAR_C, max_iter: int = 1000) -> dict:
+                 num_classes: int, c: float = LINEAR_C, max_iter: int = 1000,
+                 standardizer: Standardizer | None = None) -> dict:
   """Top-1/top-5 of logistic regression on standardised frozen features.
 
-  The mean and standard deviation come from the training features only
-  (constant features keep scale 1), so nothing about the test set leaks in.
+  The mean and standard deviation are `standardizer`'s (from training images,
+  never the test set) or, without one, the labelled features' own (constant
+  features keep scale 1).
 
   Args:
     train_features / train_labels: the labelled images' features [N, D] and
@@ -92,19 +153,20 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *,
       score -inf (never predicted).
     c: inverse L2 regularisation strength of LogisticRegression.
     max_iter: L-BFGS iterations.
+    standardizer: statistics of more training features than the labelled ones.
   """
-  from sklearn import linear_model, preprocessing  # pylint: disable=g-import-not-at-top
+  from sklearn import linear_model  # pylint: disable=g-import-not-at-top
   train_x, train_y, test_x, test_y = _check(train_features, train_labels, test_features,
                                             test_labels)
   if len(np.unique(train_y)) < 2:
     raise UserError('the linear probe needs labelled images of at least 2 classes.')
-  scaler = preprocessing.StandardScaler().fit(train_x)
+  scale = standardizer or Standardizer.fit(train_x)
   classifier = linear_model.LogisticRegression(C=c, max_iter=max_iter)
-  classifier.fit(scaler.transform(train_x), train_y)
+  classifier.fit(scale(train_x), train_y)
   scores = np.full((len(test_x), num_classes), -np.inf)
   # predict_log_proba has one column per seen class even with 2 classes
   # (decision_function collapses those to one column).
-  scores[:, classifier.classes_] = classifier.predict_log_proba(scaler.transform(test_x))
+  scores[:, classifier.classes_] = classifier.predict_log_proba(scale(test_x))
   return top_k_accuracy(scores, test_y)
 
 

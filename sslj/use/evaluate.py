@@ -11,7 +11,11 @@ probe: the same, plus frozen-feature probes of the reported network (the
 teacher for Mean Teacher): a linear classifier and a weighted kNN classifier
 fitted on the labelled images (the run's labelled subset, or the same
 labels_per_class and seed drawn from the other dataset) and tested on the
-split; see `sslj.ops.probes`.
+split; see `sslj.ops.probes`. The linear probe's features are standardised
+with the mean and deviation of every training image's features (the
+labelled images and the run's unlabeled pool; for another dataset its
+training images), as DeepCluster's, Exemplar-CNN's and the k-means SVM's are
+by default.
 
 Each evaluation goes to its own file, named by what was evaluated, so one
 never replaces another: `DIR/<mode>_<split>_step<N>.json` (`eval_test_step1500.json`,
@@ -22,7 +26,7 @@ said up front; the result is then printed and not saved.
 Each file holds:
   {"method", "step", "split", "dataset", "reported_model",
    "models": {"<name>": {"top1", "top5"}},
-   "probes": {"linear": {"top1", "top5", "C"},          (probe mode only)
+   "probes": {"linear": {"top1", "top5", "C", "standardize"},   (probe mode only)
               "knn": {"top1", "top5", "k", "temperature"},
               "feature_dim", "num_labeled"}}
 Accuracies are percentages (0-100).
@@ -39,6 +43,7 @@ from absl import logging
 import jax
 
 from sslj import preflight, run_files, train
+from sslj.methods import frozen_features
 from sslj.ops import probes
 from sslj.use import reported, restore
 
@@ -58,25 +63,45 @@ def model_scores(run: restore.RestoredRun, images, labels) -> dict:
   return train.evaluate(run.state, count_fn, images, labels, run.mesh, run.config.eval_batch_size)
 
 
+def features_of(run: restore.RestoredRun):
+  """images -> pooled features [N, D] of the reported network, on the host (one compile)."""
+  net = run.network
+  fn = reported.replicated_outputs(net.features, run.mesh)
+  return lambda images: reported.apply_in_batches(fn, (net.variables,), images, run.mesh,
+                                                  run.config.eval_batch_size)
+
+
 def features(run: restore.RestoredRun, *image_sets) -> list:
   """Pooled features [N, D] of the reported network for each image set, on the host."""
-  net = run.network
-  fn = reported.replicated_outputs(net.features, run.mesh)  # compiled once for all sets
-  return [reported.apply_in_batches(fn, (net.variables,), images, run.mesh,
-                                    run.config.eval_batch_size) for images in image_sets]
+  return list(map(features_of(run), image_sets))
 
 
 def probe_scores(run: restore.RestoredRun, evaluated: restore.EvalSet, *,
                  k: int = probes.KNN_K, temperature: float = probes.KNN_TEMPERATURE,
-                 c: float = probes.LINEAR_C) -> dict:
-  """Linear and kNN probes of the reported network's features."""
-  fit_x, test_x = features(run, evaluated.labeled_images, evaluated.images)
+                 c: float = probes.LINEAR_C, standardize: str = 'train') -> dict:
+  """Linear and kNN probes of the reported network's features.
+
+  `standardize`: 'train' scales the linear probe's features by the statistics
+  of the labelled and unlabeled images' features, 'labeled' by the labelled
+  images' own.
+  """
+  frozen_features.check_standardize(standardize, 'standardize')
+  features_fn = features_of(run)
+  fit_x, test_x = features_fn(evaluated.labeled_images), features_fn(evaluated.images)
   num_classes = run.data.num_classes
+  standardizer = None
+  if standardize == 'train':
+    moments = probes.Moments()
+    moments.add(fit_x)
+    pool = evaluated.unlabeled_images
+    for start in range(0, len(pool), frozen_features.MOMENTS_CHUNK):
+      moments.add(features_fn(pool[start:start + frozen_features.MOMENTS_CHUNK]))
+    standardizer = moments.standardizer()
   linear = probes.linear_probe(fit_x, evaluated.labeled_labels, test_x, evaluated.labels,
-                               num_classes=num_classes, c=c)
+                               num_classes=num_classes, c=c, standardizer=standardizer)
   knn = probes.knn_probe(fit_x, evaluated.labeled_labels, test_x, evaluated.labels,
                          num_classes=num_classes, k=k, temperature=temperature)
-  return {'linear': {**linear, 'C': c},
+  return {'linear': {**linear, 'C': c, 'standardize': standardize},
           'knn': {**knn, 'k': min(k, len(fit_x)), 'temperature': temperature},
           'feature_dim': int(fit_x.shape[1]), 'num_labeled': int(len(fit_x))}
 
@@ -104,7 +129,8 @@ def evaluate(workdir: str, *, step: int | None = None, split: str = 'test',
     # score as in training, with the evaluated images in the test's place.
     models.update(run.method.finalize(run.state, dataclasses.replace(
         run.data, test_images=evaluated.images, test_labels=evaluated.labels,
-        labeled_images=evaluated.labeled_images, labeled_labels=evaluated.labeled_labels)))
+        labeled_images=evaluated.labeled_images, labeled_labels=evaluated.labeled_labels,
+        unlabeled_images=evaluated.unlabeled_images)))
   record = {'method': run.config.method, 'step': run.step, 'split': split,
             'dataset': evaluated.dataset, 'reported_model': run.method.reported_model,
             'models': models}

@@ -155,13 +155,18 @@ def restore(workdir: str, step: int | None = None) -> RestoredRun:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSet:
-  """Images to evaluate on, and the labelled images probes fit on."""
+  """Images to evaluate on, the labelled images probes fit on, and the rest of the pool.
+
+  `unlabeled_images` join the labelled ones for the probes' feature statistics
+  (the run's unlabeled pool; for another dataset, its training images).
+  """
   dataset: str
   split: str
   images: np.ndarray
   labels: np.ndarray
   labeled_images: np.ndarray
   labeled_labels: np.ndarray
+  unlabeled_images: np.ndarray
 
 
 def eval_set(run: RestoredRun, dataset: str | None, split: str) -> EvalSet:
@@ -178,6 +183,7 @@ def eval_set(run: RestoredRun, dataset: str | None, split: str) -> EvalSet:
     arrays = run.arrays
     labeled = (data.labeled_images, data.labeled_labels)
     test = (data.test_images, data.test_labels)
+    pool = data.unlabeled_images
     dataset = config.data.name
   else:
     shape = data.labeled_images.shape[1:]
@@ -200,12 +206,13 @@ def eval_set(run: RestoredRun, dataset: str | None, split: str) -> EvalSet:
                                   num_classes=data.num_classes)
     labeled = (arrays.train_images[index], arrays.train_labels[index].astype(np.int32))
     test = (arrays.test_images, arrays.test_labels.astype(np.int32))
+    pool = arrays.train_images
   images, labels = {'test': test, 'labeled': labeled,
                     'train': (arrays.train_images, arrays.train_labels.astype(np.int32))}[split]
   if not len(images):
     raise UserError(f'the {split} split of {dataset} has no images; pick another --split.')
   return EvalSet(dataset=dataset, split=split, images=images, labels=labels,
-                 labeled_images=labeled[0], labeled_labels=labeled[1])
+                 labeled_images=labeled[0], labeled_labels=labeled[1], unlabeled_images=pool)
 
 
 def _few(names, shown: int = 3) -> str:
