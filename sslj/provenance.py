@@ -7,8 +7,9 @@ command and which hardware each figure came from:
   {"sslj_version": "0.1.0", "commit": "a1b0fe7...", "dirty": false,
    "command": "python launch.py --config=configs/fixmatch.py ...",
    "device_kind": "cpu", "platform": "cpu", "device_count": 1,
-   "process_count": 1, "host_cpu": "Intel(R) Xeon(R) Processor",
-   "jax_version": "0.10.2", "finished": "2026-12-02T19:40:11Z"}
+   "process_count": 1, "host_cpu": "Intel(R) Xeon(R) Processor", "host_cores": 2,
+   "load_average": [2.1, 2.05, 1.9], "jax_version": "0.10.2",
+   "finished": "2026-12-02T19:40:11Z"}
 
 `commit` and `dirty` are None where the package is not in a git checkout (an
 installed wheel) or git is missing; every field is best effort and never
@@ -84,5 +85,15 @@ def record() -> dict:
   return {**code_version(), 'command': command(),
           'device_kind': devices[0].device_kind, 'platform': devices[0].platform,
           'device_count': jax.device_count(), 'process_count': jax.process_count(),
-          'host_cpu': host_cpu(), 'jax_version': jax.__version__,
+          'host_cpu': host_cpu(), 'host_cores': os.cpu_count(), 'load_average': load_average(),
+          'jax_version': jax.__version__,
           'finished': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+
+
+def load_average() -> list[float] | None:
+  """The host's 1, 5 and 15 minute load averages: how busy its cores were as
+  the run ended (wall times of runs that shared the cores are upper bounds)."""
+  try:
+    return [round(v, 2) for v in os.getloadavg()]
+  except OSError:
+    return None

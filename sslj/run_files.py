@@ -15,7 +15,7 @@ from sslj.errors import UserError
 
 # Fields that change how a run is watched or stored, not what it computes:
 # they may differ when a run is resumed.
-_RUN_CONTROL = ('log_every', 'eval_every', 'eval_at', 'checkpoint_every', 'keep_checkpoints',
+RUN_CONTROL = ('log_every', 'eval_every', 'eval_at', 'checkpoint_every', 'keep_checkpoints',
                 'eval_batch_size', 'data.data_dir', 'data.manual_dir')
 
 
@@ -79,7 +79,7 @@ def check_recorded(workdir: str, config) -> None:
   current = json.loads(config.to_json_best_effort())
   a, b = _flatten(recorded), _flatten(current)
   differ = sorted(k for k in set(a) | set(b)
-                  if k not in _RUN_CONTROL and a.get(k) != b.get(k))
+                  if k not in RUN_CONTROL and a.get(k) != b.get(k))
   if differ:
     shown = '; '.join(f'{k}: {_short(a.get(k))} there, {_short(b.get(k))} now'
                       for k in differ[:_KEYS_SHOWN])

@@ -301,8 +301,8 @@ def _cell_text(cell, key: str, most: int) -> str:
   return _stat(cell[key], most)
 
 
-def write_tables(workdir: str) -> str:
-  """Writes `table.md` and `table.csv` from the results on disk; returns the Markdown."""
+def build_table(workdir: str) -> tuple[list[str], list[list[str]], str]:
+  """(header, rows, note) of the sweep's table, from the results on disk."""
   if not os.path.isdir(workdir):
     raise UserError(f'--workdir={workdir} does not exist: run a sweep there first.')
   rows, lpcs, cells = collect(workdir)
@@ -318,17 +318,25 @@ def write_tables(workdir: str) -> str:
   header = ['method', *map(_lpc_name, lpcs), top5_header]
   table = [[row, *(_cell_text(cells.get((row, lpc)), 'top1', most) for lpc in lpcs),
             _cell_text(cells.get((row, top5_lpc)), 'top5', most)] for row in rows]
+  note = ('Top-1 accuracy (%) on the test split by labels per class: mean ± sample '
+          'std (ddof=1) over seeds; a single seed shows its value, `(n=K)` a cell '
+          'with fewer seeds than the others. The last column is top-5 at the largest '
+          f'label count with results ({_lpc_name(top5_lpc)}). `n/a (> M per class)`: the '
+          'smallest class has M training images. `—`: not run yet.')
+  return header, table, note
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+  return ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header),
+          *('| ' + ' | '.join(r) + ' |' for r in rows)]
+
+
+def write_tables(workdir: str) -> str:
+  """Writes `table.md` and `table.csv` from the results on disk; returns the Markdown."""
+  header, table, note = build_table(workdir)
   with open(os.path.join(workdir, 'table.csv'), 'w', newline='', encoding='utf-8') as f:
     csv.writer(f).writerows([header, *table])
-  lines = [
-      'Top-1 accuracy (%) on the test split by labels per class: mean ± sample '
-      'std (ddof=1) over seeds; a single seed shows its value, `(n=K)` a cell '
-      'with fewer seeds than the others. The last column is top-5 at the largest '
-      f'label count with results ({_lpc_name(top5_lpc)}). `n/a (> M per class)`: the '
-      'smallest class has M training images. `—`: not run yet.', '',
-      '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  lines += ['| ' + ' | '.join(r) + ' |' for r in table]
-  text = '\n'.join(lines) + '\n'
+  text = '\n'.join([note, '', *markdown_table(header, table)]) + '\n'
   with open(os.path.join(workdir, 'table.md'), 'w', encoding='utf-8') as f:
     f.write(text)
   return text

@@ -1,0 +1,421 @@
+r"""Results tables made from the runs' own files, not by hand.
+
+  python -m sslj.report --runs=docs/records --out=docs/results.md
+  python -m sslj.report --runs=runs/fm10 --runs=runs/sweep_digits --records=docs/records \
+      --out=docs/results.md
+
+Each `--runs` folder is one table, or a folder of tables (its sub-folders
+that are tables, in the order their `table.json` gives). A table is:
+
+- a sweep folder (`sslj.sweep`'s `sweep.json` and `<row>/lpc<N>/seed<S>`):
+  the sweep's own method x labels-per-class table;
+- any other folder of runs: every `results.json` up to three levels below.
+  Runs whose path differs only in a last `seed<N>` part (`fixmatch_seed0`,
+  `fixmatch/seed1`) are one row, and must have the same `config.json` but
+  for the seed and the fields that only watch or store a run. A row shows
+  the reported model's top-1 (mean ± sample std over seeds, then each seed),
+  top-5, steps, wall time per run, and optionally the reported model's
+  top-1 at chosen steps from `metrics.jsonl`.
+
+Under every table: the commands (from each run's `provenance`, a seed
+written S), the commits, the machines and JAX versions, the dates, and the
+load average of the machine when runs finished, where recorded.
+
+A `table.json` in a table folder (optional) holds
+  {"title": "...", "text": "Markdown shown under the title", "order": 1,
+   "rows": [{"key": "fixmatch", "label": "FixMatch", "note": "..."}, ...],
+   "at_steps": [500, 1000, 2000, 3000], "curves": true}
+`rows` names and orders rows (others follow by name; a `note` adds a note
+column); `curves` draws every row's reported top-1 against steps (seed
+mean) into `images/<table>_curves.png` beside `--out`.
+
+`--records=DIR` first copies each table's small files (config.json,
+results.json, metrics.jsonl, table.json, sweep.json, unavailable.json; no
+checkpoints) to `DIR/<table folder's name>/`, so a table can be made again
+from a checkout after its run folders are gone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+
+from absl import app, flags
+import numpy as np
+
+from sslj import cli, run_files, sweep
+from sslj.errors import UserError
+
+RECORD_FILES = ('config.json', 'results.json', 'metrics.jsonl', 'table.json', 'sweep.json',
+                'unavailable.json')
+_SEED_PART = re.compile(r'(?:^|[_/.-])seed(\d+)$')
+# Config fields that may differ between the runs of one row besides the seed.
+_NOT_COMPARED = ('seed',) + run_files.RUN_CONTROL
+
+
+def _read_json(path: str):
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except ValueError as e:
+    raise UserError(f'{path} is not readable JSON ({e}): restore it or move that run away.'
+                    ) from None
+
+
+@dataclasses.dataclass
+class Run:
+  path: str
+  seed: int
+  results: dict
+  config: dict
+  metrics: list
+
+  @property
+  def reported(self) -> str | None:
+    """The model whose figures are the run's `top1`/`top5`."""
+    for name, scores in self.results.get('models', {}).items():
+      if scores.get('top1') == self.results['top1'] and scores.get('top5') == self.results['top5']:
+        return name
+    return None
+
+  def top1_at(self, step: int) -> float | None:
+    key = f'eval/{self.reported}/top1'
+    for record in self.metrics:
+      if record.get('step') == step and isinstance(record.get(key), (int, float)):
+        return float(record[key])
+    return None
+
+  def curve(self) -> list[tuple[int, float]]:
+    key = f'eval/{self.reported}/top1'
+    return sorted((int(r['step']), float(r[key])) for r in self.metrics
+                  if isinstance(r.get(key), (int, float)))
+
+
+def read_run(path: str) -> Run:
+  results = _read_json(os.path.join(path, 'results.json'))
+  config_path = os.path.join(path, 'config.json')
+  config = _read_json(config_path) if os.path.exists(config_path) else {}
+  metrics_path = os.path.join(path, 'metrics.jsonl')
+  metrics = []
+  if os.path.exists(metrics_path):
+    from sslj.viz import curves  # pylint: disable=g-import-not-at-top
+    metrics = curves.read_metrics(metrics_path)
+  return Run(path, int(results.get('seed', 0)), results, config, metrics)
+
+
+def _flatten(tree, prefix=''):
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def row_key(relative: str) -> str:
+  """A run's path within its table less a last `seed<N>` part: its row."""
+  key = _SEED_PART.sub('', relative.replace(os.sep, '/'))
+  return key or '.'
+
+
+def group_rows(folder: str) -> dict[str, list[Run]]:
+  """{row key: runs sorted by seed} of every results.json up to 3 levels below `folder`."""
+  rows = {}
+  found = sorted({p for depth in (1, 2, 3)
+                  for p in glob.glob(os.path.join(glob.escape(folder), *['*'] * depth,
+                                                  'results.json'))})
+  for path in found:
+    run = read_run(os.path.dirname(path))
+    rows.setdefault(row_key(os.path.relpath(run.path, folder)), []).append(run)
+  for key, runs in rows.items():
+    runs.sort(key=lambda r: r.seed)
+    first = _flatten(runs[0].config)
+    for run in runs[1:]:
+      other = _flatten(run.config)
+      differ = sorted(k for k in set(first) | set(other)
+                      if k not in _NOT_COMPARED and first.get(k) != other.get(k))
+      if differ:
+        raise UserError(f"{run.path} and {runs[0].path} are one row ('{key}') but their configs "
+                        f'differ in {differ[:3]}: give them folders whose names differ by more '
+                        'than the seed.')
+      if run.seed == runs[0].seed:
+        raise UserError(f"{run.path} and {runs[0].path} are one row ('{key}') with the same "
+                        f'seed {run.seed}: keep one of them.')
+  return rows
+
+
+def _stat(values: list[float]) -> str:
+  if not values:
+    return '—'
+  if len(values) == 1:
+    return f'{values[0]:.2f}'
+  return f'{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}'
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f'{seconds} s'
+  if seconds < 3600:
+    return f'{seconds // 60} min {seconds % 60:02d} s'
+  return f'{seconds // 3600} h {seconds % 3600 // 60:02d} min'
+
+
+def _span(seconds: list[float]) -> str:
+  """'2 min 05 s', or the range of several durations."""
+  if not seconds:
+    return '—'
+  low, high = _duration(min(seconds)), _duration(max(seconds))
+  return low if low == high else f'{low} to {high}'
+
+
+def _generic_command(command: str) -> str:
+  """A run's command with its seed written S (`seed=1` -> `seed=S`, `seed1` -> `seedS`)."""
+  command = re.sub(r'\bseed=\d+', 'seed=S', command)
+  return re.sub(r'seed\d+\b', 'seedS', command)
+
+
+def provenance_lines(runs: list[Run]) -> list[str]:
+  """Commands, commits, machines, dates and load of a table's runs, as Markdown lines."""
+  provs = [r.results.get('provenance') or {} for r in runs]
+  commits = sorted({(p['commit'][:7] + (' with local changes' if p.get('dirty') else ''))
+                    for p in provs if p.get('commit')})
+  versions = sorted({p['sslj_version'] for p in provs if p.get('sslj_version')})
+  machines = sorted({f"{p.get('host_cpu') or 'unknown CPU'}, "
+                     f"{p.get('device_count', 1)} x {p.get('device_kind', '?')}"
+                     for p in provs if p})
+  jax_versions = sorted({p['jax_version'] for p in provs if p.get('jax_version')})
+  dates = sorted(p['finished'][:10] for p in provs if p.get('finished'))
+  loads = [(p['load_average'][0], p.get('host_cores')) for p in provs if p.get('load_average')]
+  lines = []
+  if commits or versions:
+    lines.append(f"- Code: sslj {', '.join(versions) or '?'}, commit "
+                 f"{', '.join(commits) or 'not recorded'}.")
+  if machines:
+    lines.append(f"- Machine: {'; '.join(machines)}; JAX {', '.join(jax_versions) or '?'}.")
+  if dates:
+    lines.append(f'- Finished: {dates[0]}' + (f' to {dates[-1]}.' if dates[-1] != dates[0]
+                                               else '.'))
+  if loads:
+    cores = sorted({c for _, c in loads if c})
+    lines.append(f'- Load average (1 minute) as the runs finished: {min(l for l, _ in loads):.1f} '
+                 f"to {max(l for l, _ in loads):.1f}, on {'/'.join(map(str, cores)) or '?'} "
+                 'cores.')
+  elif provs:
+    lines.append('- Load while the runs trained: not recorded; wall times are upper bounds.')
+  if len(provs) != len(runs) or not all(provs):
+    lines.append(f'- {sum(not p for p in provs)} of {len(runs)} runs record no provenance.')
+  return lines
+
+
+def _order(rows: dict, spec: dict) -> list[tuple[str, dict]]:
+  named = [(r['key'], r) for r in spec.get('rows', []) if r['key'] in rows]
+  missing = [r['key'] for r in spec.get('rows', []) if r['key'] not in rows]
+  rest = [(k, {}) for k in sorted(rows) if k not in {n for n, _ in named}]
+  if missing:
+    print(f'note: table.json names rows with no runs yet: {missing}', file=sys.stderr)
+  return named + rest
+
+
+def runs_table(folder: str, spec: dict, images_dir: str | None, name: str) -> list[str]:
+  """Markdown lines of a folder of runs (a row per run group)."""
+  rows = group_rows(folder)
+  if not rows:
+    raise UserError(f'{folder} holds no runs (no results.json up to 3 levels below).')
+  at_steps = [int(s) for s in spec.get('at_steps', [])]
+  ordered = _order(rows, spec)
+  has_notes = any(info.get('note') for _, info in ordered)
+  header = ['row', 'method', 'dataset, labels/class', 'steps', 'top-1', 'seeds', 'top-5',
+            *(f'top-1 at {s:,}' for s in at_steps), 'wall per run']
+  header += ['note'] if has_notes else []
+  table, commands, all_runs = [], [], []
+  for key, info in ordered:
+    runs = rows[key]
+    all_runs += runs
+    first = runs[0].results
+    label = info.get('label', key)
+    seeds = ', '.join(f'{r.results["top1"]:.2f} (seed {r.seed})' for r in runs)
+    walls = [r.results['wall_s'] for r in runs if 'wall_s' in r.results]
+    wall = _span(walls)
+    at = []
+    for step in at_steps:
+      values = [v for v in (r.top1_at(step) for r in runs) if v is not None]
+      at.append(_stat(values) if len(values) in (0, len(runs)) else
+                f'{_stat(values)} (n={len(values)})')
+    cells = [label, str(first['method']), f"{first['dataset']}, {first['labels_per_class']}",
+             f"{first['num_steps']:,}", f"**{_stat([r.results['top1'] for r in runs])}**", seeds,
+             _stat([r.results['top5'] for r in runs]), *at, wall]
+    table.append(cells + ([info.get('note', '')] if has_notes else []))
+    for command in dict.fromkeys(_generic_command((r.results.get('provenance') or {})
+                                                  .get('command', '')) for r in runs):
+      if command:
+        commands.append(f'- {label}: `{command}`')
+  lines = sweep.markdown_table(header, table)
+  lines += ['', 'Top-1 and top-5 (%) on the test split of the model each method reports, at '
+            'the end of training: mean ± sample std (ddof=1) over seeds; `top-1 at N`: the '
+            "same model's evaluation at step N, from `metrics.jsonl`.", '']
+  if spec.get('curves'):
+    if images_dir is None:
+      raise UserError('a table with "curves" needs --out (its picture goes beside it).')
+    picture = draw_curves(ordered, rows, os.path.join(images_dir, f'{name}_curves.png'),
+                          title=spec.get('title', name))
+    lines += [f'![{spec.get("title", name)}: top-1 against steps](images/{picture})', '']
+  lines += ['Commands:', '', *commands, '',
+            *provenance_lines(all_runs)]
+  return lines
+
+
+def draw_curves(ordered, rows, path: str, *, title: str) -> str:
+  """Every row's reported top-1 against steps (mean over the seeds evaluated at a step)."""
+  from sslj.viz import curves  # pylint: disable=g-import-not-at-top
+  fig = curves.new_figure((1000, 560))
+  ax = fig.subplots()
+  for key, info in ordered:
+    by_step = {}
+    for run in rows[key]:
+      for step, value in run.curve():
+        by_step.setdefault(step, []).append(value)
+    if not by_step:
+      continue
+    steps = sorted(by_step)
+    ax.plot(steps, [np.mean(by_step[s]) for s in steps], marker='o', ms=3,
+            label=f"{info.get('label', key)} (n={len(rows[key])})")
+  ax.set(xlabel='step', ylabel='top-1 accuracy (%), test split', title=title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc='lower right')
+  fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.92)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  curves.save_figure(fig, path)
+  return os.path.basename(path)
+
+
+def sweep_table(folder: str) -> list[str]:
+  header, table, note = sweep.build_table(folder)
+  runs = [read_run(os.path.dirname(p)) for p in
+          sorted(glob.glob(os.path.join(glob.escape(folder), '*', 'lpc*', 'seed*',
+                                        'results.json')))]
+  commands = sorted({(r.results.get('provenance') or {}).get('command', '') for r in runs} - {''})
+  walls = [r.results['wall_s'] for r in runs if 'wall_s' in r.results]
+  lines = [*sweep.markdown_table(header, table), '', note, '']
+  if walls:
+    lines += [f'{len(runs)} runs, {_duration(sum(walls))} of training in all '
+              f'({_span(walls)} a run).', '']
+  lines += ['Commands:', '', *(f'- `{c}`' for c in commands), '', *provenance_lines(runs)]
+  return lines
+
+
+def is_table(folder: str) -> bool:
+  return (os.path.exists(os.path.join(folder, 'table.json'))
+          or os.path.exists(os.path.join(folder, 'sweep.json'))
+          or bool(glob.glob(os.path.join(glob.escape(folder), '*', 'results.json')))
+          or bool(glob.glob(os.path.join(glob.escape(folder), '*', 'seed*', 'results.json'))))
+
+
+def tables_in(folders: list[str]) -> list[str]:
+  """The table folders named by `--runs` (a table, or a folder of tables)."""
+  tables = []
+  for folder in folders:
+    if not os.path.isdir(folder):
+      raise UserError(f'--runs={folder} is not a folder.')
+    if is_table(folder):
+      tables.append(folder)
+      continue
+    inner = [p for p in sorted(glob.glob(os.path.join(glob.escape(folder), '*', '')))
+             if is_table(p.rstrip(os.sep))]
+    if not inner:
+      raise UserError(f'--runs={folder} holds no runs and no tables of runs.')
+    inner.sort(key=lambda p: (_spec(p.rstrip(os.sep)).get('order', 1e9), p))
+    tables += [p.rstrip(os.sep) for p in inner]
+  return tables
+
+
+def _spec(folder: str) -> dict:
+  path = os.path.join(folder, 'table.json')
+  return _read_json(path) if os.path.exists(path) else {}
+
+
+def save_records(table: str, records: str) -> str:
+  """Copies a table's small files to `records/<table name>/`; returns that folder."""
+  dest = os.path.join(records, os.path.basename(os.path.normpath(table)))
+  if os.path.abspath(dest) == os.path.abspath(table):
+    return dest
+  for root, dirs, files in os.walk(table):
+    dirs[:] = [d for d in dirs if d not in ('checkpoints', 'tensorboard', 'pictures')]
+    for name in files:
+      if name in RECORD_FILES:
+        target = os.path.join(dest, os.path.relpath(root, table), name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(os.path.join(root, name), target)
+  return dest
+
+
+def report(folders: list[str], out: str | None, records: str | None = None,
+           command: str | None = None) -> str:
+  """The Markdown page of every table; written to `out` when given."""
+  tables = tables_in(folders)
+  if records:
+    tables = [save_records(t, records) for t in tables]
+  images_dir = os.path.join(os.path.dirname(os.path.abspath(out)), 'images') if out else None
+  lines = ['# Results', '',
+           f'Made by `{command or "python -m sslj.report"}` from the runs\' own files '
+           '(`results.json`, `config.json`, `metrics.jsonl`); do not edit by hand. '
+           'Accuracies are percentages on the test split.', '']
+  sections = []
+  for folder in tables:
+    spec = _spec(folder)
+    name = os.path.basename(os.path.normpath(folder))
+    title = spec.get('title', name)
+    sections.append(title)
+    body = (sweep_table(folder) if os.path.exists(os.path.join(folder, 'sweep.json'))
+            else runs_table(folder, spec, images_dir, name))
+    lines += [f'## {title}', '']
+    lines += [spec['text'], ''] if spec.get('text') else []
+    lines += [*body, '']
+  contents = [f'- [{t}](#{slug(t)})' for t in sections]
+  lines[4:4] = [*contents, '']
+  text = '\n'.join(lines).rstrip('\n') + '\n'
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, 'w', encoding='utf-8') as f:
+      f.write(text)
+  return text
+
+
+def slug(heading: str) -> str:
+  """GitHub's anchor for a Markdown heading."""
+  text = re.sub(r'[^\w\- ]', '', heading.strip().lower())
+  return text.replace(' ', '-')
+
+
+_RUNS = flags.DEFINE_multi_string('runs', [], 'A folder of runs (one table) or of tables.')
+_OUT = flags.DEFINE_string('out', None, 'The Markdown file to write (default: print it).')
+_RECORDS = flags.DEFINE_string('records', None,
+                               "Copy each table's small files here first, and report from "
+                               'the copies.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments {argv[1:]}.')
+  if not _RUNS.value:
+    cli.fail('give at least one --runs=DIR (a folder of runs, a sweep, or a folder of tables).')
+  argv_text = ' '.join(['python -m sslj.report', *sys.argv[1:]])
+  try:
+    text = report(_RUNS.value, _OUT.value, _RECORDS.value, command=argv_text)
+  except UserError as e:
+    cli.fail(str(e))
+  if _OUT.value:
+    print(f'Wrote {_OUT.value}.')
+  else:
+    print(text)
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)
