@@ -24,9 +24,10 @@ load average of the machine when runs finished, where recorded.
 A `table.json` in a table folder (optional) holds
   {"title": "...", "text": "Markdown shown under the title", "order": 1,
    "rows": [{"key": "fixmatch", "label": "FixMatch", "note": "..."}, ...],
-   "at_steps": [500, 1000, 2000, 3000], "curves": true}
+   "at_steps": [500, 1000, 2000, 3000], "models": ["raw"], "curves": true}
 `rows` names and orders rows (others follow by name; a `note` adds a note
-column); `curves` draws every row's reported top-1 against steps (seed
+column); `models` adds a column of top-1 for each named model of
+`results.json` besides the reported one; `curves` draws every row's reported top-1 against steps (seed
 mean) into `images/<table>_curves.png` beside `--out`.
 
 `--records=DIR` first copies each table's small files (config.json,
@@ -229,10 +230,12 @@ def runs_table(folder: str, spec: dict, images_dir: str | None, name: str) -> li
   if not rows:
     raise UserError(f'{folder} holds no runs (no results.json up to 3 levels below).')
   at_steps = [int(s) for s in spec.get('at_steps', [])]
+  models = list(spec.get('models', []))
   ordered = _order(rows, spec)
   has_notes = any(info.get('note') for _, info in ordered)
   header = ['row', 'method', 'dataset, labels/class', 'steps', 'top-1', 'seeds', 'top-5',
-            *(f'top-1 at {s:,}' for s in at_steps), 'wall per run']
+            *(f'top-1 at {s:,}' for s in at_steps), *(f'top-1 of {m}' for m in models),
+            'wall per run']
   header += ['note'] if has_notes else []
   table, commands, all_runs = [], [], []
   for key, info in ordered:
@@ -250,7 +253,9 @@ def runs_table(folder: str, spec: dict, images_dir: str | None, name: str) -> li
                 f'{_stat(values)} (n={len(values)})')
     cells = [label, str(first['method']), f"{first['dataset']}, {first['labels_per_class']}",
              f"{first['num_steps']:,}", f"**{_stat([r.results['top1'] for r in runs])}**", seeds,
-             _stat([r.results['top5'] for r in runs]), *at, wall]
+             _stat([r.results['top5'] for r in runs]), *at,
+             *(_stat([r.results['models'][m]['top1'] for r in runs
+                      if m in r.results.get('models', {})]) for m in models), wall]
     table.append(cells + ([info.get('note', '')] if has_notes else []))
     for command in dict.fromkeys(_generic_command((r.results.get('provenance') or {})
                                                   .get('command', '')) for r in runs):

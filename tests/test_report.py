@@ -56,7 +56,7 @@ def table(tmp_path):
          {'title': 'Digits, 5 labels per class', 'text': 'Two methods.',
           'rows': [{'key': 'supervised', 'label': 'supervised baseline'},
                    {'key': 'fixmatch', 'label': 'FixMatch', 'note': 'reference draws'}],
-          'at_steps': [2, 4], 'curves': True})
+          'at_steps': [2, 4], 'models': ['raw'], 'curves': True})
   return folder
 
 
@@ -70,13 +70,13 @@ def test_a_table_of_runs_is_made_cell_by_cell(table, tmp_path):
   assert '## Digits, 5 labels per class' in lines
   assert 'Two methods.' in lines
   header = lines.index('| row | method | dataset, labels/class | steps | top-1 | seeds | top-5 '
-                       '| top-1 at 2 | top-1 at 4 | wall per run | note |')
+                       '| top-1 at 2 | top-1 at 4 | top-1 of raw | wall per run | note |')
   mean, std = np.mean([70.0, 73.0]), np.std([70.0, 73.0], ddof=1)
   assert lines[header + 2] == ('| supervised baseline | supervised | digits, 5 | 4 | **65.50** | '
-                               '65.50 (seed 0) | 95.00 | — | 65.50 | 2 min 05 s |  |')
+                               '65.50 (seed 0) | 95.00 | — | 65.50 | 64.50 | 2 min 05 s |  |')
   assert lines[header + 3] == (f'| FixMatch | fixmatch | digits, 5 | 4 | **{mean:.2f} ± {std:.2f}** '
                                '| 70.00 (seed 0), 73.00 (seed 1) | 96.00 ± 1.41 | 61.00 ± 1.41 '
-                               '| 71.50 ± 2.12 | 1 min 40 s to 3 min 20 s | reference draws |')
+                               '| 71.50 ± 2.12 | 70.50 ± 2.12 | 1 min 40 s to 3 min 20 s | reference draws |')
   assert ('- FixMatch: `python launch.py --config=configs/fixmatch.py:seed=S '
           '--workdir=runs/t/fixmatch_seedS`') in lines
   assert '- Code: sslj 0.1.0, commit 1234567 with local changes, abcdef0.' in lines
