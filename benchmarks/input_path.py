@@ -9,7 +9,8 @@ not augmented. The ratio is what the input path costs; the target is under
   python -m benchmarks.input_path --config=configs/supervised.py:dataset=fashion_mnist \
       [--steps=200] [--repeats=5] [--out=bench/input_path.json]
 
-`suite()` runs the configs of the README's table for `python -m benchmarks.run`.
+`suite()` runs the supervised and Mean Teacher configs, on digits and Fashion-MNIST,
+for `python -m benchmarks.run`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ml_collections import config_flags
 from benchmarks import common
 from sslj import methods, parallel, train
 
-# The README's configs; --quick runs the first only.
+# Supervised and Mean Teacher, digits and Fashion-MNIST; --quick runs the first only.
 SUITE_CONFIGS = ('configs/supervised.py', 'configs/mean_teacher.py',
                  'configs/supervised.py:dataset=fashion_mnist',
                  'configs/mean_teacher.py:dataset=fashion_mnist,labels_per_class=10')
@@ -104,7 +105,7 @@ def measure(config, steps: int, repeats: int = 5) -> dict:
 
 
 def suite(quick: bool = False, peak_tflops: float | None = None) -> dict:
-  """The README's configs (quick: the first, 5 steps, one repeat) as one result."""
+  """The suite's configs (quick: the first, 5 steps, one repeat) as one result."""
   del peak_tflops
   specs = SUITE_CONFIGS[:1] if quick else SUITE_CONFIGS
   steps, repeats = (5, 1) if quick else (30, 3)

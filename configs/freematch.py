@@ -24,6 +24,8 @@ Presets (config string):
   configs/freematch.py:dataset=cifar10,labels_per_class=4
     the paper's CIFAR-10 setting (40 labels; 25 or 400 for its 250 and
     4,000; 1 for its 10): WRN-28-2 (`wrn28_2`), B = 64, mu = 7, 2^20 steps.
+
+Results: docs/results.md; recipe and departures: docs/methods/freematch.md.
 """
 
 from sslj import configlib

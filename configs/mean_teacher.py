@@ -14,7 +14,7 @@ training. The teacher is an average of the student's recent weights; with a
 learning rate annealed to (nearly) zero the student stops moving, the
 average of a still student is that student, and the two end level. At a
 constant rate the student keeps moving and the teacher ends ahead of it,
-with a teacher as good or better (the README has the measured figures).
+with a teacher as good or better (docs/methods/mean_teacher.md).
 
 Presets (config string):
   configs/mean_teacher.py:dataset=fashion_mnist,labels_per_class=10
@@ -33,6 +33,8 @@ Presets (config string):
     runs). Its cosine rate ramps down over 210 (350) epochs and stops at 180
     (300); ours reaches zero at the last step. Without `model=` the same
     recipe trains the FixMatch code's WRN-28-2 (`wrn28_2`).
+
+Results: docs/results.md; recipe and departures: docs/methods/mean_teacher.md.
 """
 
 from ml_collections import config_dict

@@ -29,6 +29,8 @@ Presets (config string):
     (train_kimg = 2^16), the ramp over 16,384 steps (warmup_kimg = 1024),
     lambda_U = 75 and alpha = 0.75 (its README and runs/*.sh). For 4,000
     labels use labels_per_class=400.
+
+Results: docs/results.md; recipe and departures: docs/methods/mixmatch.md.
 """
 
 from sslj import configlib

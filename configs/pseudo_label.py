@@ -18,12 +18,13 @@ targets predicted with at least that probability.
 Presets (config string):
   configs/pseudo_label.py:dataset=fashion_mnist,labels_per_class=10
     4,000 steps of 16 labeled + 7 x 16 unlabeled images, alpha ramped from
-    step 1,000 to 3,000. Measured on a 2-core CPU: 72.26 +- 0.83 top-1 over
-    seeds 0-2 (16-22 min a run), against the supervised baseline's
-    71.18 +- 1.31.
+    step 1,000 to 3,000, to be compared with the supervised baseline on the
+    same labels.
   configs/pseudo_label.py:dataset=cifar10 / dataset=stl10
     train the FixMatch code's networks, WRN-28-2 (`wrn28_2`) and WRN-37-2
     (`wrn37_2`), with the default recipe above; `model=` picks another.
+
+Results: docs/results.md; recipe and departures: docs/methods/pseudo_label.md.
 """
 
 from sslj import configlib

@@ -11,22 +11,17 @@ network, labels, steps and Adam
 (configs/supervised.py:labels_per_class=5,model=dcgan_discriminator
 --config.num_steps=3000 --config.optimizer.name=adam
 --config.optimizer.learning_rate=0.0003 --config.optimizer.b1=0.5
---config.optimizer.weight_decay=0.0). Measured on a 2-core CPU, seeds 0-2:
-87.78 +- 1.56 (89.56, 86.67, 87.11) against 86.96 +- 0.46 (87.33, 86.44,
-87.11), 95-136 s a run alone: ahead on the mean, within the spread. At 1,500
-steps (the earlier default) it was behind (seed 0: 81.3 against 85.3). The
-sample grids in runs/ssl_gan/samples/ show digit-like strokes, a few of them
-recognisable digits.
+--config.optimizer.weight_decay=0.0). It trains 3,000 steps because at
+1,500 it was behind that baseline (docs/methods/ssl_gan.md). Sample grids of
+the generator go to runs/ssl_gan/samples/.
 
 Presets (config string):
   configs/ssl_gan.py:dataset=fashion_mnist,labels_per_class=10
     28x28 images, the generator starts at 7x7 and upsamples by resize +
-    convolution; 3,000 steps. Seeds 0-2 on a shared 2-core CPU (39-44 min a
-    run): 66.31 +- 0.68 (65.94, 65.89, 67.10) against the same-discriminator
-    baseline's 65.59 +- 0.68 (66.25, 64.89, 65.63) (configs/supervised.py:
+    convolution; 3,000 steps, to be compared with the same-discriminator
+    baseline (configs/supervised.py:
     dataset=fashion_mnist,labels_per_class=10,model=dcgan_discriminator with
-    3,000 steps of 64 and the Adam above): ahead on the mean, within the
-    spread.
+    3,000 steps of 64 and the Adam above).
   configs/ssl_gan.py:dataset=cifar10,labels_per_class=400
     the paper's CIFAR-10 setting (4,000 labels): batch 100 labeled + 100
     unlabeled, Adam lr 3e-4 beta1 0.5, 1,200 epochs.
@@ -34,6 +29,8 @@ Presets (config string):
 Hyper-parameters from the paper's code: Adam with beta1 0.5 and lr 3e-4 for
 both networks, unsupervised weight 0.5, LeakyReLU 0.2, dropout 0.2 on the
 input and 0.5 after each stage, weight-normalised convolutions.
+
+Results: docs/results.md; recipe and departures: docs/methods/ssl_gan.md.
 """
 
 from ml_collections import config_dict

@@ -29,6 +29,8 @@ Presets (config string):
     steps, EMA 0.9999, T = 0.4, beta = 0.8. The code's 32-core TPU script
     uses 30 x 32 unlabeled images and TSA: --config.uda.mu=30
     --config.batch_size=32 --config.uda.tsa=linear.
+
+Results: docs/results.md; recipe and departures: docs/methods/uda.md.
 """
 
 from sslj import configlib

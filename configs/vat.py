@@ -18,12 +18,10 @@ labeled one. epsilon is the L2 norm of each image's perturbation over all
 its pixels, in the normalised units the network sees (per-channel mean and
 std), so it grows with the image: the digits default 1.0 is about 0.125 of
 a standard deviation per pixel of the 8x8 images, as USB's 6.0 is about
-0.11 per value of a 32x32x3 CIFAR-10 image. It was picked from a
-1,000-step sweep of 0.5, 1, 2 and 4 (with and without the entropy term)
-on digits, seed 0, where 1 and 2 tied and the entropy term changed
-little; every setting of the sweep beat the supervised baseline there.
+0.11 per value of a 32x32x3 CIFAR-10 image. It was picked from a short
+sweep on digits (docs/methods/vat.md).
 
-Presets (config string; not measured here):
+Presets (config string):
   configs/vat.py:dataset=fashion_mnist,labels_per_class=10
     FixMatch's Fashion-MNIST budget: 3,000 steps of 8 labeled + 7 x 8
     unlabeled images; epsilon 3.0 (about 0.11 per pixel of 28x28).
@@ -38,6 +36,8 @@ Presets (config string; not measured here):
     weight 1 for VAT + EntMin and no warm-up:
     --config.batch_size=32 --config.vat.mu=4 --config.vat.epsilon=8.0
     --config.vat.entropy_weight=1.0 --config.vat.warmup_fraction=0.0.
+
+Results: docs/results.md; recipe and departures: docs/methods/vat.md.
 """
 
 from sslj import configlib
