@@ -27,9 +27,10 @@ def initialize_distributed(coordinator_address: str | None,
                            process_id: int | None) -> None:
   """Starts `jax.distributed` when this run spans several processes.
 
-  With no arguments nothing happens unless JAX finds a cluster environment
-  itself (SLURM, Open MPI, Kubernetes), which `jax.distributed.initialize()`
-  detects; a single process needs no set-up at all.
+  Only with `coordinator_address`: every process of a multi-host run is
+  given the coordinator, the process count and its own index (a cluster's
+  launcher variables are not read). Without it the run is one process, which
+  needs no set-up at all.
   """
   if coordinator_address:
     if jax.config.jax_platforms in (None, '', 'cpu') and not _has_accelerator_plugin():
