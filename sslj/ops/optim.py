@@ -120,7 +120,7 @@ def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
   SGD's weight decay is added to the gradient before momentum, as PyTorch's
   `SGD(weight_decay=...)` does, which is how the reports trained. The decay
   reaches every parameter, or with `cfg.decay='kernels'` only the kernels
-  (`decay_mask`); the mask is optax's own, so 'all' runs the code it always ran.
+  (`decay_mask`); 'all' passes no mask, so it builds the transform it always built.
   """
   mask = decay_mask(cfg)
   schedule = learning_rate(cfg, num_steps)
