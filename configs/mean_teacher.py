@@ -65,6 +65,9 @@ def get_config(arg=None):
       # The class loss: 'labeled' = mean cross-entropy over the labeled images;
       # 'batch' = their sum divided by the whole batch (the reference codes).
       class_loss_over='labeled',
+      # The consistency ramp-up's epoch: 'step' = fractional, moving every step
+      # (the TensorFlow code); 'epoch' = whole epochs (the PyTorch code).
+      rampup_granularity='step',
   )
 
   if args.dataset == 'fashion_mnist':

@@ -116,9 +116,10 @@ def base_config(method: str, args: ml_collections.ConfigDict) -> ml_collections.
 
   c.augment = augment_for(args.dataset)
 
+  # decay: the parameters weight decay reaches, 'all' or 'kernels' (sslj.ops.optim).
   c.optimizer = ml_collections.ConfigDict(dict(
       name='sgd', learning_rate=0.05, momentum=0.9, nesterov=True,
-      weight_decay=5e-4, schedule='cosine', warmup_steps=0, b1=0.9, b2=0.999))
+      weight_decay=5e-4, decay='all', schedule='cosine', warmup_steps=0, b1=0.9, b2=0.999))
 
   c.log_every = 100
   c.eval_every = 500

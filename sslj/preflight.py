@@ -29,7 +29,7 @@ from sslj.ops import optim
 # Fields with a fixed set of names, as the code that reads them defines it
 # (a method's module may add schedule names: `methods.registry()` imports them).
 _CHOICES = {'model.dtype': tuple(network.DTYPES), 'optimizer.name': optim.OPTIMIZERS,
-            'optimizer.schedule': optim.SCHEDULES}
+            'optimizer.schedule': optim.SCHEDULES, 'optimizer.decay': optim.DECAYED}
 
 # Numbers that must be at least 1 (whole fields or leaf-name patterns).
 _AT_LEAST_ONE = ('batch_size', 'eval_batch_size', 'log_every', 'keep_checkpoints')

@@ -145,6 +145,7 @@ def test_a_number_out_of_range_is_one_line_before_anything_is_written(copy, tmp_
   for field, value, needle in [('eval_every', -1, 'eval_every=-1'), ('seed', -1, 'seed=-1'),
                                ('model.dtype', 'float16', 'float32, bfloat16'),
                                ('optimizer.momentum', 1.0, 'below 1'),
+                               ('optimizer.decay', 'bn', 'use one of all, kernels'),
                                ('optimizer.learning_rate', float('nan'), 'finite'),
                                ('augment.scale', (0.5, -1.0), 'augment.scale=-1.0'),
                                ('mean_teacher.ema_decay', 1.5, 'from 0 to 1'),

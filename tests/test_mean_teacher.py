@@ -151,3 +151,54 @@ def test_cifar10_preset_trains_convlarge_with_input_noise(data_dir):
   assert config.model.name == 'convlarge' and config.augment.noise_std == 0.15
   new, metrics = jax.jit(method.train_step)(state, batch, jax.random.key(1))
   assert np.isfinite(float(metrics['loss'])) and int(new.step) == 1
+
+
+def _numpy_weight(steps, steps_per_epoch, rampup_epochs, weight, floor):
+  epoch = np.asarray(steps, np.float64) / steps_per_epoch
+  t = np.clip((np.floor(epoch) if floor else epoch) / rampup_epochs, 0, 1)
+  return weight * np.exp(-5 * (1 - t) ** 2)
+
+
+def test_rampup_per_epoch_reads_the_floored_epoch_and_per_step_is_unchanged():
+  spe, length, w = 7, 3.0, 30.0
+  steps = jnp.arange(5 * spe, dtype=jnp.int32)
+
+  def weights(epoch_of):
+    return jax.jit(jax.vmap(lambda s: w * consistency.sigmoid_rampup(epoch_of(s), length)))(steps)
+
+  per_epoch = weights(lambda s: mean_teacher.rampup_epoch(s, spe, 'epoch'))
+  np.testing.assert_allclose(per_epoch, _numpy_weight(steps, spe, length, w, floor=True),
+                             rtol=1e-6)
+  assert len(np.unique(np.asarray(per_epoch)[:3 * spe])) == 3  # one value per epoch
+  # The default is the expression the step used before the option existed.
+  np.testing.assert_array_equal(weights(lambda s: mean_teacher.rampup_epoch(s, spe)),
+                                weights(lambda s: s / spe))
+  np.testing.assert_allclose(weights(lambda s: s / spe),
+                             _numpy_weight(steps, spe, length, w, floor=False), rtol=1e-6)
+  # A quotient that float32 rounds up to a whole epoch is still the epoch before.
+  big = 2 ** 23 + 1
+  assert float(jnp.int32(3 * big - 1) / big) == 3.0
+  assert float(mean_teacher.rampup_epoch(jnp.int32(3 * big - 1), big, 'epoch')) == 2.0
+
+
+def test_the_train_step_ramps_per_epoch_when_asked(data_dir):
+  overrides = {'mean_teacher.rampup_epochs': 3.0}
+  config, default, state, batch = _built(data_dir, **overrides)
+  _, per_epoch, _, _ = _built(data_dir, **overrides, **{'mean_teacher.rampup_granularity': 'epoch'})
+  spe = mean_teacher.steps_per_epoch(config, train.load_data(config))
+  chosen = [0, 1, spe - 1, spe, spe + 1, 2 * spe + 5, 3 * spe - 1, 3 * spe, 4 * spe]
+  got = {}
+  for granularity, method in (('step', default), ('epoch', per_epoch)):
+    step = jax.jit(method.train_step)
+    got[granularity] = [float(step(state.replace(step=jnp.int32(k)), batch,
+                                   jax.random.key(1))[1]['consistency_weight']) for k in chosen]
+  w = config.mean_teacher.consistency_weight
+  np.testing.assert_allclose(got['epoch'], _numpy_weight(chosen, spe, 3.0, w, floor=True),
+                             rtol=1e-6)
+  np.testing.assert_allclose(got['step'], _numpy_weight(chosen, spe, 3.0, w, floor=False),
+                             rtol=1e-6)
+  bad = tiny_config('mean_teacher', **{'data.data_dir': data_dir,
+                                       'mean_teacher.labeled_batch_size': 4,
+                                       'mean_teacher.rampup_granularity': 'epochs'})
+  with pytest.raises(UserError, match="rampup_granularity='epochs' is unknown; use 'step'"):
+    mean_teacher.METHOD.make(bad, train.load_data(bad))

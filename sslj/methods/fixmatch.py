@@ -21,6 +21,11 @@ are evaluated with statistics averaged over the same steps.
 Departures from the paper: the EMA starts with `ema.decay_at`'s short
 warm-up instead of averaging in the random initialisation; weight decay is
 added to every parameter's gradient (the optimiser's L2), BatchNorm included.
+The reference code decays the kernels only (google-research/fixmatch
+`fixmatch.py`: wd * sum of `tf.nn.l2_loss` over the variables with 'kernel'
+in their name, the same wd * w in their gradients; USB: no decay for 1-D
+parameters and biases); `--config.optimizer.decay=kernels` is theirs. Not yet
+measured.
 
 The strong view follows the reference code rather than the paper's Table 12
 (configs/fixmatch.py): the paper reads as "2 ops at uniform magnitudes, then

@@ -25,9 +25,19 @@ loss. With 16 labeled images of 64 our class term is 4x theirs, so a weight
 w here is w / 4 in their units. On Fashion-MNIST with 10 labels per class
 (seed 0, 4,000 steps) the teacher reached 73.07 with ours and 72.36 with
 theirs at the same weight of 30. That is one seed, within the seeds' spread,
-so the default is not changed yet. The ramp-up is driven by the step count as a fraction of an
-epoch, as the TensorFlow code does per step; the PyTorch code ramps per
-integer epoch.
+so the default is not changed yet.
+
+The consistency weight's ramp-up reads a fractional epoch, step / steps per
+epoch (`rampup_granularity='step'`, the default), as the TensorFlow code ramps
+per step (`tensorflow/mean_teacher/model.py`: `sigmoid_rampup(self.global_step,
+...)`). The PyTorch code ramps per whole epoch (`pytorch/main.py`, `train`:
+`get_current_consistency_weight(epoch)` with its loop's integer epoch), while
+its learning rate reads the fractional epoch (`adjust_learning_rate`);
+`rampup_granularity='epoch'` floors the epoch as it does. (Our epoch rounds
+the last partial pass over the unlabeled pool up; the PyTorch sampler drops
+it.) Not yet measured. Either way the teacher's decay switch
+(`ema_decay_rampup`, the TensorFlow code's; the PyTorch code keeps one decay)
+falls at a step.
 
 References: Tarvainen & Valpola 2017, "Mean teachers are better role models:
 weight-averaged consistency targets improve semi-supervised deep learning
@@ -70,10 +80,22 @@ def _heads(outputs):
   return outputs, outputs
 
 
+# `mean_teacher.rampup_granularity`: where the consistency ramp reads the epoch.
+RAMPUP_GRANULARITIES = ('step', 'epoch')
+
+
+def rampup_epoch(step, steps_per_epoch: int, granularity: str = 'step'):
+  """The epoch the consistency ramp-up reads at `step`: a fraction, or floored ('epoch')."""
+  if granularity == 'epoch':
+    # Integer division: a float quotient just below a whole epoch can round up to it.
+    return (jnp.asarray(step) // steps_per_epoch).astype(jnp.float32)
+  return step / steps_per_epoch
+
+
 def train_step(state: MeanTeacherState, batch, key, *, preprocess: network.Preprocess,
                average: ema.ParameterEma, cost: Callable, consistency_weight: float,
                rampup_epochs: float, logit_distance_cost: float, steps_per_epoch: int,
-               class_loss_over: str = 'labeled'):
+               class_loss_over: str = 'labeled', rampup_granularity: str = 'step'):
   """One Mean Teacher step: student update, then the teacher's weight average."""
   num_labeled = batch['labeled_images'].shape[0]
   images = jnp.concatenate([batch['labeled_images'], batch['unlabeled_images']])
@@ -86,7 +108,7 @@ def train_step(state: MeanTeacherState, batch, key, *, preprocess: network.Prepr
       teacher_x, train=True, mutable=['batch_stats'], rngs={'dropout': keys[2]})
   target = jax.lax.stop_gradient(_heads(teacher_out)[0])
 
-  epoch = state.step / steps_per_epoch
+  epoch = rampup_epoch(state.step, steps_per_epoch, rampup_granularity)
   weight = consistency_weight * consistency.sigmoid_rampup(epoch, rampup_epochs)
 
   def loss_fn(params):
@@ -146,6 +168,11 @@ def build(config, data, steps: base.Steps) -> base.Method:
     raise UserError(f"mean_teacher.class_loss_over='{mt.class_loss_over}' is unknown; use "
                     "'labeled' (mean over the labeled images) or 'batch' (their sum over "
                     "the whole batch, as the reference codes).")
+  # A config recorded before the field existed (an older run's config.json) ramped per step.
+  granularity = mt.get('rampup_granularity', 'step')
+  if granularity not in RAMPUP_GRANULARITIES:
+    raise UserError(f"mean_teacher.rampup_granularity='{granularity}' is unknown; use "
+                    "'step' (the ramp moves every step) or 'epoch' (once per epoch).")
   labeled, unlabeled = batch_split(config)
   epoch_steps = steps.per_epoch
   dual = mt.logit_distance_cost > 0
@@ -168,7 +195,7 @@ def build(config, data, steps: base.Steps) -> base.Method:
       train_step, preprocess=preprocess, average=average, cost=_COSTS[mt.consistency],
       consistency_weight=mt.consistency_weight, rampup_epochs=mt.rampup_epochs,
       logit_distance_cost=mt.logit_distance_cost, steps_per_epoch=epoch_steps,
-      class_loss_over=mt.class_loss_over)
+      class_loss_over=mt.class_loss_over, rampup_granularity=granularity)
   return base.Method(init=init, train_step=step,
                      predict=functools.partial(predict, preprocess=preprocess),
                      reported_model='teacher', labeled_batch=labeled, unlabeled_batch=unlabeled)

@@ -239,18 +239,12 @@ def predict(state: MixMatchState, images, *, preprocess: network.Preprocess):
   return {'model': model, 'ema': averaged}
 
 
-def kernel_mask(params):
-  """True for the convolution and dense kernels (the leaves named `kernel`)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
-
-
 def optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
   """Adam with the code's decoupled, kernel-only weight decay; else the library's optimiser."""
   if cfg.name != 'adam' or not cfg.weight_decay:
     return optim.make_optimizer(cfg, num_steps)
   return optax.adamw(optim.learning_rate(cfg, num_steps), b1=cfg.b1, b2=cfg.b2,
-                     weight_decay=cfg.weight_decay, mask=kernel_mask)
+                     weight_decay=cfg.weight_decay, mask=optim.kernel_mask)
 
 
 def batch_split(config) -> tuple[int, int]:

@@ -6,6 +6,7 @@ so they stay right when `num_steps` is overridden on the command line.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -84,20 +85,53 @@ def register_schedule(name: str, make) -> None:
 # The names `optimizer.name` accepts.
 OPTIMIZERS = ('sgd', 'adam')
 
+# The names `optimizer.decay` accepts: which parameters the weight decay reaches.
+DECAYED = ('all', 'kernels')
+
+
+def kernel_mask(params):
+  """True for the convolution and dense kernels (the leaves whose last key is `kernel`).
+
+  BatchNorm scales and offsets, biases, and the scales of `nn.WeightNorm`
+  (stored as `<layer>/kernel/scale`) are False.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+
+
+def decay_mask(cfg):
+  """The mask the weight decay is given: None (every parameter) or `kernel_mask`.
+
+  'kernels' is what FixMatch's code does (an L2 loss on the variables named
+  `kernel`) and USB's in effect (no decay for 1-D parameters and biases).
+  """
+  # A config recorded before `decay` existed (an older run's config.json)
+  # decayed every parameter.
+  decay = cfg.get('decay', 'all')
+  if decay not in DECAYED:
+    raise UserError(f"optimizer.decay='{decay}' is unknown; use 'all' (every parameter) or "
+                    "'kernels' (convolution and dense kernels only).")
+  return kernel_mask if decay == 'kernels' else None
+
 
 def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
   """SGD (optionally Nesterov) with L2 weight decay, or Adam(W).
 
   SGD's weight decay is added to the gradient before momentum, as PyTorch's
-  `SGD(weight_decay=...)` does, which is how the reports trained.
+  `SGD(weight_decay=...)` does, which is how the reports trained. The decay
+  reaches every parameter, or with `cfg.decay='kernels'` only the kernels
+  (`decay_mask`); 'all' passes no mask, so it builds the transform it always built.
   """
+  mask = decay_mask(cfg)
   schedule = learning_rate(cfg, num_steps)
   if cfg.name == 'sgd':
     return optax.chain(
-        optax.add_decayed_weights(cfg.weight_decay) if cfg.weight_decay else optax.identity(),
+        optax.add_decayed_weights(cfg.weight_decay, mask=mask) if cfg.weight_decay
+        else optax.identity(),
         optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
   if cfg.name == 'adam':
     if cfg.weight_decay:
-      return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+      return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                         mask=mask)
     return optax.adam(schedule, b1=cfg.b1, b2=cfg.b2)
   raise UserError(f"optimizer.name='{cfg.name}' is unknown; use 'sgd' or 'adam'.")
