@@ -100,7 +100,8 @@ class Run:
 def read_run(path: str) -> Run:
   results = _read_json(os.path.join(path, 'results.json'))
   config_path = os.path.join(path, 'config.json')
-  config = _read_json(config_path) if os.path.exists(config_path) else {}
+  config = (run_files.with_added_fields(_read_json(config_path))
+            if os.path.exists(config_path) else {})
   metrics_path = os.path.join(path, 'metrics.jsonl')
   metrics = []
   if os.path.exists(metrics_path):

@@ -19,6 +19,34 @@ RUN_CONTROL = ('log_every', 'eval_every', 'eval_at', 'checkpoint_every', 'keep_c
                 'eval_batch_size', 'data.data_dir', 'data.manual_dir')
 
 
+# Config fields added after runs were recorded without them, each with the
+# value that reproduces what those runs did. A recorded config that lacks one
+# (and has its section) reads as having that value: such a run still resumes,
+# sweeps over it continue, and eval/probe/export rebuild it as it trained. A
+# field whose new default changes what a run computes is listed with the old
+# behaviour's value, so resuming an old run under the new default is refused.
+FIELDS_ADDED = {
+    'optimizer.decay': 'all',
+    'mean_teacher.rampup_granularity': 'step',
+    'kmeans_features.standardize': 'labeled',
+    'deep_cluster.standardize': 'labeled',
+    'exemplar.standardize': 'labeled',
+}
+
+
+def with_added_fields(recorded: dict) -> dict:
+  """`recorded` (a config.json's dict) with every FIELDS_ADDED field its sections lack."""
+  filled = json.loads(json.dumps(recorded))
+  for name, value in FIELDS_ADDED.items():
+    *sections, key = name.split('.')
+    node = filled
+    for section in sections:
+      node = node.get(section) if isinstance(node, dict) else None
+    if isinstance(node, dict) and key not in node:
+      node[key] = value
+  return filled
+
+
 # How many differing config fields a refusal shows with their values.
 _KEYS_SHOWN = 3
 
@@ -77,7 +105,7 @@ def check_recorded(workdir: str, config) -> None:
     raise UserError(f'{path} is damaged (not a JSON object); restore it from a copy, or move '
                     'the workdir away to start the run from scratch.')
   current = json.loads(config.to_json_best_effort())
-  a, b = _flatten(recorded), _flatten(current)
+  a, b = _flatten(with_added_fields(recorded)), _flatten(current)
   differ = sorted(k for k in set(a) | set(b)
                   if k not in RUN_CONTROL and a.get(k) != b.get(k))
   if differ:

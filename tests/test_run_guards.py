@@ -75,6 +75,48 @@ def test_a_workdir_refuses_another_config_but_not_other_run_control(tmp_path):
   assert 'optimizer.learning_rate' in message and 'seed' in message
 
 
+def _record_without(workdir, config, *fields):
+  """config.json as a run recorded before `fields` existed."""
+  recorded = json.loads(config.to_json_best_effort())
+  for name in fields:
+    *sections, key = name.split('.')
+    node = recorded
+    for section in sections:
+      node = node[section]
+    del node[key]
+  os.makedirs(workdir, exist_ok=True)
+  run_files.atomic_write_json(os.path.join(workdir, 'config.json'), recorded)
+
+
+def test_a_run_recorded_before_a_field_existed_resumes_as_it_trained(tmp_path):
+  """A missing added field reads as FIELDS_ADDED's value, the old behaviour, and only that."""
+  workdir = str(tmp_path / 'old')
+  _record_without(workdir, tiny_config(), 'optimizer.decay')
+  run_files.claim_workdir(workdir, tiny_config())  # 'all': what the old run did
+  with pytest.raises(UserError, match="optimizer.decay: 'all' there, 'kernels' now"):
+    run_files.claim_workdir(workdir, tiny_config(**{'optimizer.decay': 'kernels'}))
+  # A default that changed: the old k-means SVM standardised by the labeled images.
+  svm = str(tmp_path / 'svm')
+  _record_without(svm, tiny_config('kmeans_svm'), 'kmeans_features.standardize')
+  with pytest.raises(UserError, match="kmeans_features.standardize: 'labeled' there, 'train' now"):
+    run_files.claim_workdir(svm, tiny_config('kmeans_svm'))
+  run_files.claim_workdir(svm, tiny_config('kmeans_svm',
+                                           **{'kmeans_features.standardize': 'labeled'}))
+  # Sections a method does not have gain nothing.
+  filled = run_files.with_added_fields(json.loads(tiny_config().to_json_best_effort()))
+  assert 'mean_teacher' not in filled and 'kmeans_features' not in filled
+
+
+def test_eval_rebuilds_a_run_recorded_before_a_field_existed(tmp_path):
+  from sslj.use import restore
+  workdir = str(tmp_path / 'old_mt')
+  _record_without(workdir, tiny_config('mean_teacher'), 'optimizer.decay',
+                  'mean_teacher.rampup_granularity')
+  config = restore.read_config(workdir)
+  assert config.optimizer.decay == 'all'
+  assert config.mean_teacher.rampup_granularity == 'step'
+
+
 @pytest.mark.parametrize('error, reason', [
     (OSError(errno.ENOSPC, 'No space left on device'), 'no space left on device'),
     (OSError(errno.EDQUOT, 'Disk quota exceeded'), 'disk quota exceeded'),

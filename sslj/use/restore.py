@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sslj import checkpoint, methods, parallel
+from sslj import checkpoint, methods, parallel, run_files
 from sslj.data import sources, splits
 from sslj.errors import UserError
 from sslj.methods import base
@@ -77,7 +77,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not isinstance(recorded, dict) or 'method' not in recorded:
     raise UserError(f'{path} is not an sslj run config (it has no "method").')
   # JSON turned tuples into lists; every consumer (AugmentSpec) accepts both.
-  config = ml_collections.ConfigDict(recorded)
+  # Fields added since the run was recorded read as what the run did.
+  config = ml_collections.ConfigDict(run_files.with_added_fields(recorded))
   config.lock()
   return config
 
