@@ -66,6 +66,10 @@ def get_config(arg=None):
       probe_c=1.0,             # inverse L2 strength of the linear probe
       standardize='train',     # probe features scaled by every training image's statistics
                                # ('labeled': the labeled images' own)
+      # Against the reference code (sslj/methods/deep_cluster.py's docstring):
+      head_init='lecun_normal',  # re-drawn head's weights; 'normal_0.01' is the reference's
+      head_optimizer='shared',   # the run's optimiser; 'plain_sgd': the reference's, no momentum
+      cluster_features='post_relu',  # 'pre_relu': before the last ReLU, as the reference
   )
 
   if args.dataset == 'fashion_mnist':

@@ -65,6 +65,9 @@ def get_config(arg=None):
       collapse_logs=3,             # ... for this many consecutive logs (0: never)
       collapse_stop=False,         # and stop the run with an error
       num_samples=100,             # images in each sample grid
+      # Against the reference code (sslj/methods/ssl_gan.py's docstring):
+      feature_matching='l2',       # squared L2 of the mean features; 'l1': the CIFAR script's
+      generator_batch='shared',    # the discriminator's unlabeled batch; 'separate': another
   )
 
   if args.dataset != 'digits':

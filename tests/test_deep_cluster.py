@@ -2,20 +2,24 @@
 
 import functools
 import json
+import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from scipy import ndimage, stats
 from sklearn import metrics
 
-from conftest import tiny_config
+from conftest import assert_trees_equal, tiny_config
 from sslj import checkpoint, models, parallel, train
 from sslj.data import augment
 from sslj.errors import UserError
 from sslj.methods import deep_cluster as dc
+from sslj.models import heads
 from sslj.ops import front_ends, kmeans, nmi
 from sslj.use import evaluate, export
 
@@ -131,14 +135,19 @@ def _method(data_dir, **overrides):
   return config, data, method, state
 
 
-def test_pseudo_labels_are_kmeans_assignments_of_whitened_features(data_dir):
-  config, data, method, state = _method(data_dir)
+@pytest.mark.parametrize('features', ['post_relu', 'pre_relu'])
+def test_pseudo_labels_are_kmeans_assignments_of_whitened_features(data_dir, features):
+  config, data, method, state = _method(data_dir, **{'deep_cluster.cluster_features': features})
   state = method.on_epoch_start(state, 0)
   # The reference: features in one call, numpy PCA whitening and L2 norm.
   x = augment.normalize(jnp.asarray(data.unlabeled_images, jnp.float32) / 255, data.mean,
                         data.std)
-  f = np.asarray(jax.jit(functools.partial(state.apply_fn, train=False, return_features=True))(
-      {'params': state.params, 'batch_stats': state.batch_stats}, x), np.float64)
+  own = (functools.partial(state.apply_fn, train=False, return_features=True)
+         if features == 'post_relu' else
+         functools.partial(heads.features_before_relu, state.apply_fn, train=False))
+  f = np.asarray(jax.jit(own)({'params': state.params, 'batch_stats': state.batch_stats}, x),
+                 np.float64)
+  assert (f.min() < 0) == (features == 'pre_relu')  # before the ReLU, some are negative
   evals, evecs = np.linalg.eigh(np.cov(f, rowvar=False))
   top = np.argsort(evals)[::-1][:min(config.deep_cluster.pca_dim, f.shape[1])]
   assert len(top) < f.shape[1]  # the default reduces small_cnn's 128 features
@@ -164,11 +173,23 @@ def test_pseudo_labels_are_kmeans_assignments_of_whitened_features(data_dir):
       metrics.normalized_mutual_info_score(labels, np.asarray(again.tables.labels)), rel=1e-6)
 
 
-def test_bad_kmeans_options_fail_at_build(data_dir):
+def test_bad_kmeans_head_and_feature_options_fail_at_build(data_dir):
   for overrides, match in (({'deep_cluster.kmeans_init': 'kmeans'}, 'deep_cluster.kmeans_init'),
-                           ({'deep_cluster.kmeans_n_init': 0}, 'deep_cluster.kmeans_n_init')):
+                           ({'deep_cluster.kmeans_n_init': 0}, 'deep_cluster.kmeans_n_init'),
+                           ({'deep_cluster.head_init': 'normal'},
+                            "deep_cluster.head_init='normal' is unknown; use one of "
+                            "'lecun_normal', 'normal_0.01'"),
+                           ({'deep_cluster.head_optimizer': 'sgd'},
+                            "deep_cluster.head_optimizer='sgd' is unknown"),
+                           ({'deep_cluster.head_optimizer': 'plain_sgd', 'optimizer.name': 'adam'},
+                            "head_optimizer='plain_sgd' needs optimizer.name='sgd'"),
+                           ({'deep_cluster.cluster_features': 'fc7'},
+                            "deep_cluster.cluster_features='fc7' is unknown"),
+                           ({'deep_cluster.cluster_features': 'pre_relu',
+                             'model.name': 'convlarge'},
+                            "'convlarge' does not")):
     config = _config(data_dir, **overrides)
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(UserError, match=re.escape(match)):
       dc.METHOD.make(config, train.load_data(config))
 
 
@@ -195,11 +216,115 @@ def test_epoch_start_resets_the_head_and_its_momentum_only(data_dir):
                                 new.params['head']['kernel'])
 
 
+def _todays_reset_head(state, key, **unused):
+  """The head reset as it was before `head_init` and `head_optimizer` existed."""
+  kernel = state.params['head']['kernel']
+  head = nn.Dense(kernel.shape[1]).init(key, jnp.zeros((1, kernel.shape[0])))['params']
+  mask = jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[0], 'key', None) == 'head', state.params)
+  opt_state = optax.tree_map_params(state.tx, lambda v, m: jnp.where(m, jnp.zeros_like(v), v),
+                                    state.opt_state, mask)
+  return state.replace(params={**state.params, 'head': head}, opt_state=opt_state)
+
+
+def _trained_one_step(method, state):
+  state = method.on_epoch_start(state, 0)
+  batch = {'unlabeled_images': jnp.asarray(np.zeros((16, 8, 8, 1), np.uint8) + 40),
+           'unlabeled_indices': jnp.arange(16)}
+  return jax.jit(method.train_step)(state, batch, jax.random.key(0))[0]
+
+
+def test_default_epoch_start_is_exactly_the_old_one(data_dir, monkeypatch):
+  _, _, method, state = _method(data_dir)
+  state = _trained_one_step(method, state)
+  new = method.on_epoch_start(state, 1)
+  monkeypatch.setattr(dc, 'reset_head', _todays_reset_head)
+  assert_trees_equal(new, method.on_epoch_start(state, 1))
+
+
+def test_reference_head_init_draws_normal_0_01_weights_and_zero_bias(data_dir):
+  _, _, method, state = _method(data_dir, **{'deep_cluster.head_init': 'normal_0.01'})
+  key = jax.random.key(5)
+  heads_drawn = {name: dc.reset_head(state, key, head_init=name).params['head']
+                 for name in ('normal_0.01', 'lecun_normal')}
+  kernel = np.asarray(heads_drawn['normal_0.01']['kernel'], np.float64)
+  assert kernel.shape == (128, 10)  # small_cnn's features -> 10 clusters
+  np.testing.assert_array_equal(heads_drawn['normal_0.01']['bias'], 0)
+  # 1,280 draws: the sample std is 0.01 within ~2%, the mean 0 within ~3e-4.
+  assert abs(kernel.std() - 0.01) < 1e-3 and abs(kernel.mean()) < 1e-3
+  assert stats.kstest(kernel.ravel(), stats.norm(0, 0.01).cdf).pvalue > 1e-3
+  # LeCun normal at fan-in 128 has std ~1/sqrt(128) ~ 0.088 (truncated): not this.
+  assert np.asarray(heads_drawn['lecun_normal']['kernel']).std() > 0.05
+  # The option reaches the epoch start: its head is of the same law.
+  drawn = np.asarray(method.on_epoch_start(state, 0).params['head']['kernel'])
+  assert abs(drawn.std() - 0.01) < 1e-3
+
+
+def test_plain_sgd_head_has_no_momentum_and_the_network_keeps_its_own(data_dir):
+  config, _, _, state = _method(data_dir, **{'deep_cluster.head_optimizer': 'plain_sgd'})
+  shared = _method(data_dir)[3]
+  lr, wd = config.optimizer.learning_rate, config.optimizer.weight_decay
+  rng = np.random.default_rng(0)
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), state.params)
+           for _ in range(3)]
+  update = jax.jit(lambda tx_state, g, s: tx_state.tx.update(g, s, tx_state.params))
+  plain_state, shared_state = state.opt_state, shared.opt_state
+  for g in grads:
+    plain, plain_state = update(state, g, plain_state)
+    momentum, shared_state = update(shared, g, shared_state)
+    # The head: SGD without memory, -lr (g + wd p) at every step ...
+    for name in ('kernel', 'bias'):
+      p = state.params['head'][name]
+      np.testing.assert_allclose(plain['head'][name], -lr * (g['head'][name] + wd * p),
+                                 rtol=1e-6, atol=1e-9)
+    # ... the rest: the run's SGD with momentum, as with the shared optimiser.
+    for name in state.params:
+      if name != 'head':
+        assert_trees_equal(plain[name], momentum[name])
+  # The epoch start zeroes nothing of the network's momentum and keeps running.
+  trained = _trained_one_step(dc.METHOD.make(config, train.load_data(config)), state)
+  reset = dc.reset_head(trained, jax.random.key(1))
+  assert_trees_equal(reset.opt_state, trained.opt_state)
+
+
+@pytest.mark.parametrize('name,widths', [('alexnet', (4, 5, 6, 6, 5)), ('small_cnn', (4, 5, 6))])
+def test_features_before_relu_are_the_features_without_the_last_relu(name, widths):
+  options = {'fc_width': 16} if name == 'alexnet' else {}
+  model = models.build(name, num_classes=7, widths=widths, **options)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 8, 1)), jnp.float32)
+  variables = model.init(jax.random.key(0), x, train=False)
+  assert set(variables) == {'params', 'batch_stats'}  # init records nothing more
+  assert heads.records_features_before_relu(model, x)
+
+  @jax.jit
+  def one_pass(variables, x):
+    post, recorded = model.apply(variables, x, train=False, return_features=True,
+                                 mutable=['intermediates'])
+    return post, recorded['intermediates'][heads.FEATURES_BEFORE_RELU][0]
+
+  post, pre = one_pass(variables, x)
+  np.testing.assert_array_equal(
+      pre, jax.jit(functools.partial(heads.features_before_relu, model.apply, train=False))(
+          variables, x))
+  assert pre.shape == post.shape == (3, widths[-1] if name == 'small_cnn' else 16)
+  assert np.asarray(pre).min() < 0 < np.asarray(pre).max()
+  if name == 'alexnet':  # fc7 before its ReLU, as DeepCluster's code clusters
+    np.testing.assert_array_equal(jax.nn.relu(pre), post)
+  else:  # the last stage's BatchNorm output, averaged: relu(mean) <= mean(relu)
+    _, captured = jax.jit(functools.partial(model.apply, train=False, return_features=True,
+                                            capture_intermediates=True,
+                                            mutable=['intermediates']))(variables, x)
+    bn = np.asarray(captured['intermediates'][f'BatchNorm_{len(widths) - 1}']['__call__'][0])
+    np.testing.assert_allclose(pre, bn.mean(axis=(1, 2)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(post, np.maximum(bn, 0).mean(axis=(1, 2)), rtol=1e-6, atol=1e-7)
+    assert np.all(np.maximum(pre, 0) <= post + 1e-7) and not np.allclose(np.maximum(pre, 0), post)
+
+
 def test_tiny_run_reclusters_every_epoch_and_scores_both_probes(tmp_path, data_dir, monkeypatch):
   resets = []
   real = dc.reset_head
-  monkeypatch.setattr(dc, 'reset_head', lambda state, key: (
-      resets.append(int(state.step)), real(state, key))[1])
+  monkeypatch.setattr(dc, 'reset_head', lambda state, key, **kw: (
+      resets.append(int(state.step)), real(state, key, **kw))[1])
   results = train.train_and_evaluate(_config(data_dir), str(tmp_path))
   assert resets == [0, 4, 8]  # 12 steps, 4 per epoch
   written = json.loads((tmp_path / 'results.json').read_text())
@@ -231,9 +356,13 @@ def _checkpointed(workdir):
   return step, restored
 
 
-def test_resume_across_an_epoch_boundary_equals_a_straight_run(tmp_path, data_dir, monkeypatch):
+@pytest.mark.parametrize('options', [{}, {'deep_cluster.head_init': 'normal_0.01',
+                                           'deep_cluster.head_optimizer': 'plain_sgd',
+                                           'deep_cluster.cluster_features': 'pre_relu'}])
+def test_resume_across_an_epoch_boundary_equals_a_straight_run(tmp_path, data_dir, monkeypatch,
+                                                               options):
   # Epochs start at steps 0, 4, 8; the run dies after its checkpoint at 6.
-  config = _config(data_dir)
+  config = _config(data_dir, **options)
   expected = train.train_and_evaluate(config, str(tmp_path / 'straight'))
   real_save = checkpoint.Checkpointer.save
 
@@ -251,7 +380,7 @@ def test_resume_across_an_epoch_boundary_equals_a_straight_run(tmp_path, data_di
   assert got['models'] == expected['models']
   (step_a, a), (step_b, b) = (_checkpointed(str(tmp_path / d)) for d in ('straight', 'resumed'))
   assert step_a == step_b == 12
-  for field in ('params', 'batch_stats', 'tables', 'cluster_metrics'):
+  for field in ('params', 'batch_stats', 'opt_state', 'tables', 'cluster_metrics'):
     jax.tree.map(np.testing.assert_array_equal, a[field], b[field])
   shape = lambda d: [json.loads(l) for l in open(tmp_path / d / 'metrics.jsonl')]
   strip = lambda rows: [{k: v for k, v in r.items() if k != 'train/steps_per_s'} for r in rows]

@@ -1,16 +1,21 @@
 """Semi-supervised GAN: K+1 losses and feature matching against numpy, the split step,
-collapse detection, and a tiny run that writes results and sample grids."""
+the reference code's options (L1 feature matching, a separate generator batch),
+collapse detection, and tiny runs that write results and sample grids and resume."""
 
+import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
-from sslj import models, train
+from conftest import assert_trees_equal, tiny_config
+from sslj import checkpoint, models, parallel, train
+from sslj.data import augment
+from sslj.errors import UserError
 from sslj.methods import ssl_gan
 from sslj.ops import gan
 
@@ -78,6 +83,22 @@ def test_feature_matching_matches_numpy():
                              np.mean(np.sum((real[:5] - fake[:5]) ** 2, -1)), rtol=1e-5)
 
 
+def test_l1_feature_matching_and_its_gradient_match_numpy():
+  rng = np.random.RandomState(2)
+  real = rng.randn(7, 5).astype(np.float32)
+  fake = rng.randn(9, 5).astype(np.float32) + np.float32([0.8, -0.8, 0.5, -0.5, 1.0])
+  diff = real.astype(np.float64).mean(0) - fake.astype(np.float64).mean(0)
+  assert np.abs(diff).min() > 0.05 and (diff > 0).any() and (diff < 0).any()
+  value, (g_real, g_fake) = jax.jit(jax.value_and_grad(gan.feature_matching_l1, argnums=(0, 1)))(
+      real, fake)
+  # The CIFAR script's T.mean(abs(m1 - m2)) over D = 5 features, and its gradient
+  # sign(m1 - m2) / D through each batch mean (1/7 and -1/9 per row).
+  np.testing.assert_allclose(float(value), np.abs(diff).mean(), rtol=1e-6)
+  np.testing.assert_allclose(g_real, np.tile(np.sign(diff) / (5 * 7), (7, 1)), rtol=1e-6)
+  np.testing.assert_allclose(g_fake, np.tile(-np.sign(diff) / (5 * 9), (9, 1)), rtol=1e-6)
+  assert gan.FEATURE_MATCHING == {'l2': gan.feature_matching, 'l1': gan.feature_matching_l1}
+
+
 def _built(data_dir, **overrides):
   config = tiny_config('ssl_gan', **{'data.data_dir': data_dir,
                                      'ssl_gan.labeled_batch_size': 4, **overrides})
@@ -111,6 +132,119 @@ def test_generator_loss_reaches_only_the_generator(data_dir):
                                                           state.discriminator.params)
   assert np.all(_leaves(g_disc) == 0.0)
   assert np.abs(_leaves(g_gen)).max() > 0
+
+
+def _generator_loss_as_before(gen_params, disc_params, state, z, x_real, key, *, preprocess,
+                              distance=gan.feature_matching):
+  """`ssl_gan.generator_loss` as it was before `feature_matching` was an option."""
+  disc = state.discriminator
+  disc_params = jax.lax.stop_gradient(disc_params)
+  images, stats = ssl_gan._generate(state.generator, gen_params, z, train=True)
+  fake = augment.normalize(images, preprocess.mean, preprocess.std)
+  features, _ = disc.apply_fn(
+      {'params': disc_params, 'batch_stats': disc.batch_stats},
+      jnp.concatenate([x_real, fake]), train=True, return_features=True,
+      mutable=['batch_stats'], rngs={'dropout': key})
+  features = features.astype(jnp.float32)
+  real_features = jax.lax.stop_gradient(features[:x_real.shape[0]])
+  return distance(real_features, features[x_real.shape[0]:]), stats
+
+
+def test_default_generator_loss_is_as_before_and_l1_swaps_only_the_distance(data_dir):
+  config, _, method, state, batch = _built(data_dir)
+  assert method.train_step.keywords['settings'].feature_matching == 'l2'
+  preprocess = method.train_step.keywords['preprocess']
+  x_real = preprocess.eval(batch['unlabeled_images'])
+  z = jax.random.normal(jax.random.key(1), (x_real.shape[0], config.ssl_gan.latent_dim))
+  args = (state.generator.params, state.discriminator.params, state, z, x_real,
+          jax.random.key(2))
+  value_and_grad = lambda fn, **kw: jax.jit(jax.value_and_grad(
+      functools.partial(fn, preprocess=preprocess, **kw), has_aux=True))(*args)
+  assert_trees_equal(value_and_grad(ssl_gan.generator_loss),
+                     value_and_grad(_generator_loss_as_before))
+  l1 = value_and_grad(ssl_gan.generator_loss, feature_matching='l1')
+  assert_trees_equal(l1, value_and_grad(_generator_loss_as_before,
+                                        distance=gan.feature_matching_l1))
+  assert float(l1[0][0]) != float(value_and_grad(ssl_gan.generator_loss)[0][0])
+
+
+def test_bad_reference_options_fail_at_build(data_dir):
+  for field, value in (('feature_matching', 'l3'), ('generator_batch', 'other')):
+    config = tiny_config('ssl_gan', **{'data.data_dir': data_dir, 'ssl_gan.labeled_batch_size': 4,
+                                       f'ssl_gan.{field}': value})
+    with pytest.raises(UserError, match=f"ssl_gan.{field}='{value}' is unknown; use one of"):
+      ssl_gan.METHOD.make(config, train.load_data(config))
+
+
+def test_separate_generator_batch_is_a_second_draw_of_the_loop(data_dir):
+  config, data, method, state, _ = _built(data_dir, **{'ssl_gan.generator_batch': 'separate'})
+  labeled, unlabeled = ssl_gan.batch_split(config)
+  assert (method.labeled_batch, method.unlabeled_batch) == (labeled, 2 * unlabeled)
+  default_config = tiny_config('ssl_gan', **{'data.data_dir': data_dir,
+                                             'ssl_gan.labeled_batch_size': 4})
+  assert ssl_gan.steps_per_epoch(config, data) == ssl_gan.steps_per_epoch(default_config, data)
+  # The loop draws the batch: twice the unlabeled rows, split in halves.
+  mesh = parallel.make_mesh()
+  batch = jax.jit(functools.partial(
+      train.sample_batch, mesh=mesh, labeled_batch=method.labeled_batch,
+      unlabeled_batch=method.unlabeled_batch))(train.put_train_data(data, method, mesh),
+                                               jax.random.key(3))
+  d_batch, g_batch = ssl_gan.split_unlabeled(batch, 'separate')
+  assert set(d_batch) == set(batch) and set(g_batch) == {'unlabeled_images', 'unlabeled_indices'}
+  d_rows, g_rows = (np.asarray(b['unlabeled_indices']) for b in (d_batch, g_batch))
+  assert len(d_rows) == len(g_rows) == unlabeled and not np.array_equal(d_rows, g_rows)
+  np.testing.assert_array_equal(g_batch['unlabeled_images'], data.unlabeled_images[g_rows])
+  np.testing.assert_array_equal(d_batch['labeled_images'], batch['labeled_images'])
+  # The step: the discriminator on the first half, the generator on the second.
+  kw = method.train_step.keywords
+  key = jax.random.key(7)
+  d_key, g_key = jax.random.split(key)
+  full, metrics = jax.jit(method.train_step)(state, batch, key)
+  after_d, d_metrics = jax.jit(lambda s: ssl_gan.discriminator_step(s, d_batch, d_key, **kw))(
+      state)
+  generator_step = jax.jit(lambda s, b: ssl_gan.generator_step(
+      s, b, g_key, preprocess=kw['preprocess'], settings=kw['settings']))
+  after_g, g_metrics = generator_step(after_d, g_batch)
+  np.testing.assert_allclose(float(metrics['d_loss']), float(d_metrics['d_loss']), rtol=1e-6)
+  np.testing.assert_allclose(float(metrics['g_loss']), float(g_metrics['g_loss']), rtol=1e-6)
+  np.testing.assert_allclose(_leaves(full.generator.params), _leaves(after_g.generator.params),
+                             rtol=1e-5, atol=1e-6)
+  _, on_d_half = generator_step(after_d, {'unlabeled_images': d_batch['unlabeled_images']})
+  assert float(on_d_half['g_loss']) != float(metrics['g_loss'])
+
+
+def _checkpointed(workdir):
+  ckpt = checkpoint.Checkpointer(workdir, every=0, keep=10)
+  step = ckpt.latest_step()
+  restored = ocp.PyTreeCheckpointer().restore(f'{ckpt.directory}/{step}/default')
+  ckpt.close()
+  return step, restored
+
+
+def test_reference_options_run_resumes_to_the_same_end(tmp_path, data_dir, monkeypatch):
+  config = tiny_config('ssl_gan', **{'data.data_dir': data_dir, 'ssl_gan.labeled_batch_size': 4,
+                                     'ssl_gan.num_samples': 4, 'ssl_gan.feature_matching': 'l1',
+                                     'ssl_gan.generator_batch': 'separate'})
+  expected = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  real_save = checkpoint.Checkpointer.save
+
+  def save_then_die(self, step, state, force=False):
+    if real_save(self, step, state, force=force):
+      raise KeyboardInterrupt('killed after the first checkpoint')
+    return False
+
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save', save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save', real_save)
+  assert _checkpointed(str(tmp_path / 'resumed'))[0] == 6
+  got = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert got['models'] == expected['models']
+  (step_a, a), (step_b, b) = (_checkpointed(str(tmp_path / d)) for d in ('straight', 'resumed'))
+  assert step_a == step_b == 12
+  assert_trees_equal(a, b)
+  grid = lambda d: np.asarray(Image.open(tmp_path / d / 'samples' / 'step_000012.png'))
+  np.testing.assert_array_equal(grid('resumed'), grid('straight'))
 
 
 def test_step_is_discriminator_then_generator_each_leaving_the_other(data_dir):

@@ -267,6 +267,13 @@ def unlabeled_epoch_steps(config, data, unlabeled: int) -> int:
   return max(1, -(-len(data.unlabeled_images) // unlabeled))
 
 
+def check_choice(field: str, value, allowed) -> None:
+  """Refuses config field `field`'s `value` unless it is one of `allowed`, in one line."""
+  if value not in allowed:
+    raise UserError(f"{field}={value!r} is unknown; use one of "
+                    f"{', '.join(repr(a) for a in allowed)}.")
+
+
 def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   """Per-example 1.0 where the label is among the `k` largest logits.
 

@@ -13,8 +13,9 @@ Before every epoch (`on_epoch_start`, a host hook of the training loop):
    the non-empty clusters (a cluster with equal probability, then an image
    of it uniformly), which keeps large clusters from dominating and the
    network from collapsing into a few of them;
-5. the classifier head is re-initialised (and its momentum zeroed): the
-   cluster indices of one epoch have nothing to do with the last one's.
+5. the classifier head is re-initialised (`deep_cluster.head_init`) and its
+   optimiser state zeroed: the cluster indices of one epoch have nothing to
+   do with the last one's.
 
 The network is then trained with cross-entropy on the pseudo-labels of
 augmented images. An optional Sobel front end (`deep_cluster.sobel`) turns
@@ -47,6 +48,30 @@ Departures from the paper: the optimiser and schedule come from the config
 (the paper: SGD, lr 0.05, momentum 0.9, weight decay 1e-5, constant); the
 probe is on the features the model returns rather than on each conv layer;
 test NMI is measured on the test split rather than on the training labels.
+
+The head and the clustered features against the reference code
+(facebookresearch/deepcluster, `main.py`; the options are not yet measured):
+  * Head initialisation: the reference re-creates the top layer each epoch
+    with `weight.data.normal_(0, 0.01)`, `bias.data.zero_()`; here Flax's
+    Dense default (LeCun normal, zero bias). `--config.deep_cluster.head_init=
+    normal_0.01` selects the reference's N(0, 0.01^2) weights, zero bias.
+  * Head optimiser: the reference's `train()` makes the top layer its own
+    `torch.optim.SGD(model.top_layer.parameters(), lr=args.lr,
+    weight_decay=10**args.wd)` every epoch, without momentum (the rest keeps
+    one SGD with momentum 0.9); here the head shares the run's optimiser,
+    its state zeroed each epoch. `--config.deep_cluster.head_optimizer=
+    plain_sgd` gives the head SGD with the run's learning rate, schedule and
+    weight decay and no momentum (needs `optimizer.name=sgd`).
+  * Clustered features: before `compute_features` the reference drops the
+    last module of `model.classifier`, the ReLU after fc7 (put back to
+    train), so k-means sees fc7 before its ReLU; here the model's own
+    features, after it. `--config.deep_cluster.cluster_features=pre_relu`
+    clusters the features before the last ReLU (`heads.features_before_relu`;
+    also for the test NMI, not the probes): for alexnet fc7's output before
+    its ReLU, the reference's (relu of it is the default features); for
+    small_cnn the network with its last ReLU removed, the last stage's
+    BatchNorm output averaged over positions (averaging and ReLU do not
+    commute: relu of it is not the default features). Other models refuse it.
 
 k-means against the reference code (facebookresearch/deepcluster,
 `clustering.py` `run_kmeans`: faiss `Clustering`, niter 20, nredo 1, no
@@ -81,10 +106,20 @@ from sslj import parallel
 from sslj.data import augment
 from sslj.errors import UserError
 from sslj.methods import base, frozen_features, network
+from sslj.models import heads
 from sslj.ops import front_ends, kmeans, nmi, optim, probes, whitening
 
 # Key streams under the run's seed (1 is the random network of the probe).
 _KMEANS_STREAM, _HEAD_STREAM = 2, 3
+
+# `deep_cluster.head_init` -> the head's kernel initialiser (the bias starts at 0):
+# Flax's Dense default, or the reference's `weight.data.normal_(0, 0.01)`.
+HEAD_INITS = {'lecun_normal': nn.linear.default_kernel_init,
+              'normal_0.01': nn.initializers.normal(0.01)}
+# `deep_cluster.head_optimizer`: the run's optimiser, or SGD without momentum.
+HEAD_OPTIMIZERS = ('shared', 'plain_sgd')
+# `deep_cluster.cluster_features`: the model's own, or before the last ReLU.
+CLUSTER_FEATURES = ('post_relu', 'pre_relu')
 
 
 class ClusterTables(NamedTuple):
@@ -163,21 +198,30 @@ def kmeans_key(seed: int, epoch: int):
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _KMEANS_STREAM), epoch)
 
 
-def reset_head(state: DeepClusterState, key) -> DeepClusterState:
-  """A fresh head (the model's Dense initialisers) with zero optimiser momentum."""
+def reset_head(state: DeepClusterState, key, head_init: str = 'lecun_normal') -> DeepClusterState:
+  """A fresh head (`HEAD_INITS[head_init]` weights, zero bias) with zero optimiser state."""
   kernel = state.params['head']['kernel']
-  head = nn.Dense(kernel.shape[1]).init(key, jnp.zeros((1, kernel.shape[0])))['params']
+  head = nn.Dense(kernel.shape[1], kernel_init=HEAD_INITS[head_init]).init(
+      key, jnp.zeros((1, kernel.shape[0])))['params']
   mask = jax.tree_util.tree_map_with_path(
       lambda path, _: getattr(path[0], 'key', None) == 'head', state.params)
-  opt_state = optax.tree_map_params(state.tx, lambda v, m: jnp.where(m, jnp.zeros_like(v), v),
-                                    state.opt_state, mask)
+  # With head_optimizer='plain_sgd' the network's part of the state holds a
+  # MaskedNode where the head was (optax.multi_transform): nothing to zero there.
+  masked = lambda v: isinstance(v, optax.MaskedNode)
+  opt_state = optax.tree_map_params(
+      state.tx, lambda v, m: v if masked(v) else jnp.where(m, jnp.zeros_like(v), v),
+      state.opt_state, mask, is_leaf=masked)
   return state.replace(params={**state.params, 'head': head}, opt_state=opt_state)
 
 
 def on_epoch_start(state: DeepClusterState, epoch: int, *, features_fn, data, num_clusters: int,
                    pca_dim: int, num_iters: int, seed: int, batch_size: int,
-                   mesh, init: str = 'k-means++', n_init: int = 1) -> DeepClusterState:
-  """Re-clusters the pool, rebuilds the sampling tables and resets the head."""
+                   mesh, init: str = 'k-means++', n_init: int = 1,
+                   head_init: str = 'lecun_normal') -> DeepClusterState:
+  """Re-clusters the pool, rebuilds the sampling tables and resets the head.
+
+  `features_fn(variables, images)` gives the features that are clustered.
+  """
   started = time.perf_counter()
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   extract = functools.partial(frozen_features.network_features, features_fn, variables,
@@ -209,7 +253,7 @@ def on_epoch_start(state: DeepClusterState, epoch: int, *, features_fn, data, nu
       cluster_metrics=jax.device_put({k: np.float32(v) for k, v in metrics.items()},
                                      replicated))
   head_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _HEAD_STREAM), epoch)
-  return jax.device_put(reset_head(state, head_key), replicated)
+  return jax.device_put(reset_head(state, head_key, head_init=head_init), replicated)
 
 
 def train_step(state: DeepClusterState, batch: base.Batch, key, *,
@@ -259,6 +303,16 @@ def steps_per_epoch(config, data) -> int:
   return max(1, -(-len(data.unlabeled_images) // config.batch_size))
 
 
+def check_head_and_features(dc, optimizer_name: str) -> None:
+  """Refuses an unknown head or feature option in one line."""
+  base.check_choice('deep_cluster.head_init', dc.head_init, tuple(HEAD_INITS))
+  base.check_choice('deep_cluster.head_optimizer', dc.head_optimizer, HEAD_OPTIMIZERS)
+  base.check_choice('deep_cluster.cluster_features', dc.cluster_features, CLUSTER_FEATURES)
+  if dc.head_optimizer == 'plain_sgd' and optimizer_name != 'sgd':
+    raise UserError(f"deep_cluster.head_optimizer='plain_sgd' needs optimizer.name='sgd' "
+                    f"(got '{optimizer_name}'); or keep head_optimizer='shared'.")
+
+
 def build(config, data, steps: base.Steps) -> base.Method:
   """DeepCluster as a `Method` for the training loop."""
   dc = config.deep_cluster
@@ -271,16 +325,26 @@ def build(config, data, steps: base.Steps) -> base.Method:
   kmeans.check_options(dc.kmeans_init, dc.kmeans_n_init,
                        fields=('deep_cluster.kmeans_init', 'deep_cluster.kmeans_n_init'))
   frozen_features.check_standardize(dc.standardize, 'deep_cluster.standardize')
+  check_head_and_features(dc, config.optimizer.name)
   mesh = parallel.make_mesh()
   spec = augment.AugmentSpec.from_config(config.augment)
   preprocess = network.Preprocess(spec, data.mean, data.std)
   model = network.build_model(config, dc.num_clusters)
-  tx = optim.make_optimizer(config.optimizer, steps.total)
   h, w, c = data.unlabeled_images.shape[1:]
   if spec.out_size:
     h = w = spec.out_size
   dummy = jnp.zeros((1, h, w, 2 if dc.sobel else c), jnp.float32)
+  if dc.head_optimizer == 'shared':
+    tx = optim.make_optimizer(config.optimizer, steps.total)
+  else:  # the reference's: plain SGD for the head, the run's optimiser for the rest
+    names = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), dummy)
+    tx = optim.make_optimizer_with_plain_sgd(config.optimizer, steps.total,
+                                             tuple(names['params']), plain=('head',))
   start_tables = cluster_tables(np.zeros(pool, np.int32), dc.num_clusters)
+  if dc.cluster_features == 'pre_relu' and not heads.records_features_before_relu(model, dummy):
+    raise UserError(f"deep_cluster.cluster_features='pre_relu' needs a model that records its "
+                    f"features before the last ReLU (small_cnn, alexnet); '{config.model.name}' "
+                    "does not. Use cluster_features='post_relu'.")
 
   def init(key):
     params_key, dropout_key = jax.random.split(key)
@@ -298,11 +362,18 @@ def build(config, data, steps: base.Steps) -> base.Method:
                          'nonempty_clusters': nan, 'kmeans_inertia': nan},
         apply_fn=model.apply, tx=tx)
 
-  @jax.jit
-  def features_fn(variables, images):
+  def network_input(images):
     x = preprocess.eval(images)
-    return model.apply(variables, sobel(x) if dc.sobel else x, train=False,
-                       return_features=True)
+    return sobel(x) if dc.sobel else x
+
+  @jax.jit
+  def features_fn(variables, images):  # the model's own: what the probes see
+    return model.apply(variables, network_input(images), train=False, return_features=True)
+
+  @jax.jit
+  def features_before_relu_fn(variables, images):
+    return heads.features_before_relu(model.apply, variables, network_input(images),
+                                      train=False)
 
   batch_size = -(-config.eval_batch_size // mesh.devices.size) * mesh.devices.size
   return base.Method(
@@ -311,9 +382,12 @@ def build(config, data, steps: base.Steps) -> base.Method:
       predict=predict, reported_model='linear_probe',
       labeled_batch=0, unlabeled_batch=config.batch_size,
       on_epoch_start=functools.partial(
-          on_epoch_start, features_fn=features_fn, data=data, num_clusters=dc.num_clusters,
-          pca_dim=dc.pca_dim, num_iters=dc.kmeans_iters, seed=config.seed,
-          batch_size=batch_size, mesh=mesh, init=dc.kmeans_init, n_init=dc.kmeans_n_init),
+          on_epoch_start,
+          features_fn=features_fn if dc.cluster_features == 'post_relu'
+          else features_before_relu_fn,
+          data=data, num_clusters=dc.num_clusters, pca_dim=dc.pca_dim,
+          num_iters=dc.kmeans_iters, seed=config.seed, batch_size=batch_size, mesh=mesh,
+          init=dc.kmeans_init, n_init=dc.kmeans_n_init, head_init=dc.head_init),
       finalize=functools.partial(finalize, features_fn=features_fn, init=init, seed=config.seed,
                                  probe_c=dc.probe_c, batch_size=config.eval_batch_size,
                                  mesh=mesh, standardize=dc.standardize),

@@ -30,6 +30,28 @@ At each evaluation a grid of samples for fixed latent vectors is written to
 `workdir/samples/step_XXXXXX.png`; `python -m sslj.viz` draws the same grid
 from a checkpoint (`pictures`).
 
+Departures from the reference code (openai/improved-gan,
+`mnist_svhn_cifar10/train_cifar_feature_matching.py` and
+`train_mnist_feature_matching.py`; options not yet measured):
+  * Feature-matching distance: by default the squared L2 norm of the
+    difference of the batch-mean features, sum_d (m_real[d] - m_fake[d])^2
+    (`gan.feature_matching`; the MNIST script's `T.mean(T.square(mom_gen -
+    mom_real))` is the same up to the factor 1/D). The CIFAR-10 script takes
+    their mean absolute difference, `T.mean(abs(m1 - m2))`;
+    `--config.ssl_gan.feature_matching=l1` selects it
+    (`gan.feature_matching_l1`).
+  * The generator's real batch: by default the discriminator's unlabeled
+    batch of the step. Both scripts give the generator step another
+    unlabeled batch, `train_batch_gen(trainx_unl2[...])`, from a second copy
+    of the pool shuffled independently of the discriminator's each epoch.
+    `--config.ssl_gan.generator_batch=separate` does the same in kind: the
+    loop draws twice the unlabeled rows per step (`Method.unlabeled_batch`),
+    independently and uniformly with replacement from its unlabeled key
+    stream (fold_in(base key, step), so a resumed run draws the same ones);
+    the first half is the discriminator's, the second the generator's
+    (`split_unlabeled`). The method contract needs no new field for it; an
+    epoch is still a pass of the discriminator's batches over the pool.
+
 References: Salimans, Goodfellow, Zaremba, Cheung, Radford, Chen. Improved
 Techniques for Training GANs. NeurIPS 2016. Lecouat, Foo, Zenati,
 Chandrasekhar. Manifold regularization with GANs for semi-supervised
@@ -73,6 +95,11 @@ class Settings:
   unsupervised_weight: float
   manifold_weight: float
   manifold_eps: float
+  feature_matching: str = 'l2'      # a name in gan.FEATURE_MATCHING
+  generator_batch: str = 'shared'   # 'shared' or 'separate' (split_unlabeled)
+
+
+GENERATOR_BATCHES = ('shared', 'separate')
 
 
 def _generate(gen: base.TrainState, params, z, train: bool):
@@ -147,8 +174,10 @@ def discriminator_step(state: GanState, batch: base.Batch, key, *, preprocess: n
 
 
 def generator_loss(gen_params, disc_params, state: GanState, z, x_real, key, *,
-                   preprocess: network.Preprocess):
+                   preprocess: network.Preprocess, feature_matching: str = 'l2'):
   """Feature matching of G(z) against real images, through the discriminator.
+
+  `feature_matching` names the distance (`gan.FEATURE_MATCHING`).
 
   The discriminator's parameters and the real features are constants here,
   so the gradient reaches only the generator's parameters. Returns (loss,
@@ -164,7 +193,8 @@ def generator_loss(gen_params, disc_params, state: GanState, z, x_real, key, *,
       mutable=['batch_stats'], rngs={'dropout': key})
   features = features.astype(jnp.float32)
   real_features = jax.lax.stop_gradient(features[:x_real.shape[0]])
-  return gan.feature_matching(real_features, features[x_real.shape[0]:]), stats
+  distance = gan.FEATURE_MATCHING[feature_matching]
+  return distance(real_features, features[x_real.shape[0]:]), stats
 
 
 def generator_step(state: GanState, batch: base.Batch, key, *, preprocess: network.Preprocess,
@@ -175,17 +205,33 @@ def generator_step(state: GanState, batch: base.Batch, key, *, preprocess: netwo
   z = _latents(z_key, x_real.shape[0], settings)
   (loss, stats), grads = jax.value_and_grad(generator_loss, has_aux=True)(
       state.generator.params, state.discriminator.params, state, z, x_real, dropout_key,
-      preprocess=preprocess)
+      preprocess=preprocess, feature_matching=settings.feature_matching)
   return state.replace(generator=state.generator.apply_gradients(grads, stats)), {'g_loss': loss}
+
+
+def split_unlabeled(batch: base.Batch, generator_batch: str) -> tuple[base.Batch, base.Batch]:
+  """(the discriminator's batch, the generator's batch) of one step.
+
+  'shared': the same batch for both. 'separate': the loop drew twice the
+  unlabeled rows (`build`); the first half goes to the discriminator with
+  the labeled images, the second half to the generator.
+  """
+  if generator_batch == 'shared':
+    return batch, batch
+  half = batch['unlabeled_images'].shape[0] // 2
+  unlabeled = [name for name in batch if name.startswith('unlabeled_')]
+  return ({**batch, **{name: batch[name][:half] for name in unlabeled}},
+          {name: batch[name][half:] for name in unlabeled})
 
 
 def train_step(state: GanState, batch: base.Batch, key, *, preprocess: network.Preprocess,
                average: ema.ParameterEma, settings: Settings):
   """One step: the discriminator's update, then the generator's against it."""
   d_key, g_key = jax.random.split(key)
-  state, d_metrics = discriminator_step(state, batch, d_key, preprocess=preprocess,
+  d_batch, g_batch = split_unlabeled(batch, settings.generator_batch)
+  state, d_metrics = discriminator_step(state, d_batch, d_key, preprocess=preprocess,
                                         average=average, settings=settings)
-  state, g_metrics = generator_step(state, batch, g_key, preprocess=preprocess,
+  state, g_metrics = generator_step(state, g_batch, g_key, preprocess=preprocess,
                                     settings=settings)
   metrics = {**d_metrics, **g_metrics, 'loss': d_metrics['d_loss'] + g_metrics['g_loss']}
   return state.replace(step=state.step + 1), metrics
@@ -291,6 +337,8 @@ def build(config, data, steps: base.Steps) -> base.Method:
   cfg = config.ssl_gan
   num_steps = steps.total
   labeled, unlabeled = batch_split(config)
+  base.check_choice('ssl_gan.feature_matching', cfg.feature_matching, tuple(gan.FEATURE_MATCHING))
+  base.check_choice('ssl_gan.generator_batch', cfg.generator_batch, GENERATOR_BATCHES)
   spec = augment.AugmentSpec.from_config(config.augment)
   preprocess = network.Preprocess(spec, data.mean, data.std)
   disc_model = network.build_model(config, data.num_classes)
@@ -302,7 +350,9 @@ def build(config, data, steps: base.Steps) -> base.Method:
   gen_tx = optim.make_optimizer(gen_opt, num_steps)
   average = ema.parameter_ema(cfg.ema_decay)
   settings = Settings(latent_dim=cfg.latent_dim, unsupervised_weight=cfg.unsupervised_weight,
-                      manifold_weight=cfg.manifold_weight, manifold_eps=cfg.manifold_eps)
+                      manifold_weight=cfg.manifold_weight, manifold_eps=cfg.manifold_eps,
+                      feature_matching=cfg.feature_matching,
+                      generator_batch=cfg.generator_batch)
 
   def init(key):
     d_key, g_key = jax.random.split(key)
@@ -325,7 +375,9 @@ def build(config, data, steps: base.Steps) -> base.Method:
       train_step=functools.partial(train_step, preprocess=preprocess, average=average,
                                    settings=settings),
       predict=functools.partial(predict, preprocess=preprocess),
-      reported_model='discriminator_ema', labeled_batch=labeled, unlabeled_batch=unlabeled,
+      reported_model='discriminator_ema', labeled_batch=labeled,
+      # 'separate': a second half of as many rows, the generator's (split_unlabeled).
+      unlabeled_batch=unlabeled * (2 if cfg.generator_batch == 'separate' else 1),
       on_eval=on_eval,
       on_log=CollapseWatch(cfg.collapse_fraction, cfg.collapse_logs, cfg.collapse_stop))
 

@@ -7,7 +7,9 @@ BatchNorm and ReLU; 3x3 max-pools with stride 2 after the first, second and
 fifth; then two fully connected layers of 4096 units with ReLU and dropout
 0.5; then the linear head. The features (`return_features=True`) are the
 second fully connected layer's output after its ReLU: what DeepCluster
-clusters and what its linear probes here see.
+clusters by default and what its linear probes here see. The features before
+the last ReLU (`heads.record_features_before_relu`) are fc7's output before
+its ReLU, what DeepCluster's code clusters; relu of them is the features.
 
 The paper's layers are for 224x224 inputs (conv1 11x11 stride 4, conv2 5x5,
 conv3-5 3x3, a 6x6x256 map at the end). So that the same network also runs
@@ -38,7 +40,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sslj.models.heads import classifier_heads
+from sslj.models.heads import classifier_heads, record_features_before_relu
 from sslj.ops import pooling
 
 # Max-pools act only while the map is at least this high.
@@ -95,6 +97,8 @@ class AlexNet(nn.Module):
     x = x.reshape(x.shape[0], -1)
     for name in ('fc6', 'fc7'):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-      x = nn.relu(nn.Dense(self.fc_width, dtype=self.dtype, param_dtype=jnp.float32,
-                           name=name)(x))
+      x = nn.Dense(self.fc_width, dtype=self.dtype, param_dtype=jnp.float32, name=name)(x)
+      if name == 'fc7':
+        record_features_before_relu(self, lambda x=x: x.astype(jnp.float32))
+      x = nn.relu(x)
     return classifier_heads(self, x.astype(jnp.float32), return_features=return_features)

@@ -4,7 +4,11 @@ Three stages of [conv 3x3, BN, ReLU] with widths (32, 64, 128); every stage
 but the last ends in a 2x2 max-pool while the map is at least 8 pixels high, so
 28x28 Fashion-MNIST goes 28 -> 14 -> 7 and the 8x8 digits go 8 -> 4 -> 4
 (never pooling below 4x4 keeps spatial structure for the last stage). Global
-average pooling gives the features, then the dense heads. It exists so the
+average pooling gives the features, then the dense heads. The features
+before the last ReLU (`heads.record_features_before_relu`) are the network
+with that ReLU removed: the last stage's BatchNorm output averaged over
+positions. ReLU and averaging do not commute, so relu of them is not the
+features (it is at most them, elementwise). It exists so the
 default `digits` runs and the Fashion-MNIST runs finish in minutes on a
 laptop CPU; the ResNets and ConvLarge are the models of the papers.
 
@@ -22,7 +26,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sslj.models.heads import classifier_heads
+from sslj.models.heads import classifier_heads, record_features_before_relu
 from sslj.ops import activations, pooling
 
 # Stages pool only while the map is at least this high (see module docstring).
@@ -68,6 +72,9 @@ class SmallCNN(nn.Module):
       kernel = self.first_kernel_size if i == 0 else 3
       bn = norm()
       x = bn(conv(width, kernel_size=(kernel, kernel))(x))
+      if i == len(self.widths) - 1:
+        record_features_before_relu(
+            self, lambda x=x: jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
       # nn.relu's values and gradient, against a per-channel zero that XLA:CPU
       # does not materialise at the activation's size (sslj.ops.activations).
       x = activations.relu(x, activations.channel_zero(bn.variables['params']['bias'], x.dtype))

@@ -56,12 +56,30 @@ def generated_loss(logits: jax.Array) -> jax.Array:
 def feature_matching(real_features: jax.Array, fake_features: jax.Array) -> jax.Array:
   """||mean f(x) - mean f(G(z))||^2 over the batch, features [B, D].
 
-  The released code takes the mean over the D features instead of the sum;
-  that only scales the loss by 1/D, which Adam's update ignores.
+  sum_d (m_real[d] - m_fake[d])^2 with m = the batch mean of the features.
+  The released MNIST code (`train_mnist_feature_matching.py`) takes the mean
+  over the D features instead of the sum, `T.mean(T.square(mom_gen -
+  mom_real))`; that only scales the loss by 1/D, which Adam's update ignores.
   References: Salimans et al. 2016, Section 3.1, Eq. (feature matching).
   """
   diff = jnp.mean(real_features, axis=0) - jnp.mean(fake_features, axis=0)
   return jnp.sum(diff * diff)
+
+
+def feature_matching_l1(real_features: jax.Array, fake_features: jax.Array) -> jax.Array:
+  """mean_d |mean f(x) - mean f(G(z))| over the batch, features [B, D].
+
+  The released CIFAR-10 code's distance (`train_cifar_feature_matching.py`:
+  `T.mean(abs(m1 - m2))`, m1 and m2 the batch means of the features); its
+  gradient is sign(m_fake - m_real) / D per feature, 0 where they are equal.
+  References: Salimans et al. 2016, code: github.com/openai/improved-gan.
+  """
+  diff = jnp.mean(real_features, axis=0) - jnp.mean(fake_features, axis=0)
+  return jnp.mean(jnp.abs(diff))
+
+
+# `ssl_gan.feature_matching` -> the distance between the batch-mean features.
+FEATURE_MATCHING = {'l2': feature_matching, 'l1': feature_matching_l1}
 
 
 def manifold_penalty(logits: jax.Array, perturbed_logits: jax.Array) -> jax.Array:

@@ -135,3 +135,19 @@ def make_optimizer(cfg, num_steps: int) -> optax.GradientTransformation:
                          mask=mask)
     return optax.adam(schedule, b1=cfg.b1, b2=cfg.b2)
   raise UserError(f"optimizer.name='{cfg.name}' is unknown; use 'sgd' or 'adam'.")
+
+
+def make_optimizer_with_plain_sgd(cfg, num_steps: int, param_names,
+                                  plain) -> optax.GradientTransformation:
+  """`make_optimizer(cfg)`, but the top-level parameters named in `plain` take
+  SGD without momentum (the same learning rate, schedule and weight decay).
+
+  `param_names` are every top-level parameter name. `cfg.name` must be 'sgd'.
+  """
+  plain_cfg = cfg.copy_and_resolve_references()
+  plain_cfg.momentum, plain_cfg.nesterov = 0.0, False
+  # Labels as a tree, not a function: optax.tree_map_params calls `init` with a
+  # placeholder in place of the parameters, which a function could not read.
+  return optax.multi_transform(
+      {'momentum': make_optimizer(cfg, num_steps), 'plain': make_optimizer(plain_cfg, num_steps)},
+      {name: 'plain' if name in plain else 'momentum' for name in param_names})
