@@ -31,6 +31,11 @@ FIELDS_ADDED = {
     'kmeans_features.standardize': 'labeled',
     'deep_cluster.standardize': 'labeled',
     'exemplar.standardize': 'labeled',
+    'deep_cluster.head_init': 'lecun_normal',
+    'deep_cluster.head_optimizer': 'shared',
+    'deep_cluster.cluster_features': 'post_relu',
+    'ssl_gan.feature_matching': 'l2',
+    'ssl_gan.generator_batch': 'shared',
 }
 
 

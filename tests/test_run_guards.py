@@ -107,6 +107,17 @@ def test_a_run_recorded_before_a_field_existed_resumes_as_it_trained(tmp_path):
   assert 'mean_teacher' not in filled and 'kmeans_features' not in filled
 
 
+def test_every_added_field_is_a_field_of_some_config():
+  """A misspelt FIELDS_ADDED name would never apply: each is in some method's config."""
+  import glob
+  from conftest import config_of
+  flat = set()
+  for path in glob.glob(os.path.join(ROOT, 'configs', '*.py')):
+    config = json.loads(config_of(os.path.basename(path)[:-3], '').to_json_best_effort())
+    flat |= set(run_files._flatten(config))  # pylint: disable=protected-access
+  assert set(run_files.FIELDS_ADDED) <= flat, set(run_files.FIELDS_ADDED) - flat
+
+
 def test_eval_rebuilds_a_run_recorded_before_a_field_existed(tmp_path):
   from sslj.use import restore
   workdir = str(tmp_path / 'old_mt')
