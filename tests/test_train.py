@@ -35,7 +35,9 @@ def test_run_writes_results_metrics_and_checkpoints(tmp_path, tiny_run):
   written = _read(tmp_path / 'results.json')
   assert written == json.loads(json.dumps(results))
   assert set(written) == {'method', 'dataset', 'labels_per_class', 'seed', 'num_steps',
-                          'wall_s', 'top1', 'top5', 'models'}
+                          'wall_s', 'top1', 'top5', 'models', 'provenance'}
+  assert written['provenance']['device_count'] == 1
+  assert written['provenance']['host_cores'] == os.cpu_count()
   assert written['num_steps'] == 12 and written['method'] == 'supervised'
   assert 0 <= written['top1'] <= written['top5'] <= 100
   assert written['models']['model']['top1'] == written['top1']
