@@ -32,8 +32,9 @@ mean) into `images/<table>_curves.png` beside `--out`.
 
 `--records=DIR` first copies each table's small files (config.json,
 results.json, metrics.jsonl, table.json, sweep.json, unavailable.json; no
-checkpoints) to `DIR/<table folder's name>/`, so a table can be made again
-from a checkout after its run folders are gone.
+checkpoints; a run's only once it has finished) to `DIR/<table folder's
+name>/`, so a table can be made again from a checkout after its run folders
+are gone, and a sweep continued from a copy of them.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ from sslj.errors import UserError
 
 RECORD_FILES = ('config.json', 'results.json', 'metrics.jsonl', 'table.json', 'sweep.json',
                 'unavailable.json')
+# Files that describe a table rather than one run.
+TABLE_FILES = ('table.json', 'sweep.json', 'unavailable.json')
 _SEED_PART = re.compile(r'(?:^|[_/.-])seed(\d+)$')
 # Config fields that may differ between the runs of one row besides the seed.
 _NOT_COMPARED = ('seed',) + run_files.RUN_CONTROL
@@ -347,14 +350,20 @@ def _spec(folder: str) -> dict:
 
 
 def save_records(table: str, records: str) -> str:
-  """Copies a table's small files to `records/<table name>/`; returns that folder."""
+  """Copies a table's small files to `records/<table name>/`; returns that folder.
+
+  A run's files are copied only once it has finished (its results.json
+  exists): an unfinished run is left out whole, so the records never hold
+  half a run.
+  """
   dest = os.path.join(records, os.path.basename(os.path.normpath(table)))
   if os.path.abspath(dest) == os.path.abspath(table):
     return dest
   for root, dirs, files in os.walk(table):
-    dirs[:] = [d for d in dirs if d not in ('checkpoints', 'tensorboard', 'pictures')]
+    dirs[:] = sorted(d for d in dirs if d not in ('checkpoints', 'tensorboard', 'pictures'))
+    finished = 'results.json' in files
     for name in files:
-      if name in RECORD_FILES:
+      if name in RECORD_FILES and (finished or name in TABLE_FILES):
         target = os.path.join(dest, os.path.relpath(root, table), name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copyfile(os.path.join(root, name), target)
