@@ -73,8 +73,16 @@ def host_cpu() -> str:
 
 
 def command() -> str:
-  """The command line of this process, as a shell would take it back."""
+  """The command line of this process, as a shell would take it back.
+
+  A module run with `python -m` is written that way (Python puts the module's
+  file path in argv[0]), and launch.py by its name.
+  """
   argv = list(sys.argv)
+  spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+  if argv and spec is not None and spec.name:
+    name = spec.name[:-len('.__main__')] if spec.name.endswith('.__main__') else spec.name
+    return shlex.join(['python', '-m', name, *argv[1:]])
   if argv and argv[0].endswith('launch.py'):
     argv[0] = os.path.basename(argv[0])
   return shlex.join(['python', *argv])

@@ -181,7 +181,12 @@ def _span(seconds: list[float]) -> str:
 
 
 def _generic_command(command: str) -> str:
-  """A run's command with its seed written S (`seed=1` -> `seed=S`, `seed1` -> `seedS`)."""
+  """A run's command with its seed written S (`seed=1` -> `seed=S`, `seed1` -> `seedS`).
+
+  A module that an older sslj recorded by its file path (`python /x/sslj/sweep.py`)
+  is shown as it was run, `python -m sslj.sweep`.
+  """
+  command = re.sub(r'^python \S*/sslj/(\w+)\.py\b', r'python -m sslj.\1', command)
   command = re.sub(r'\bseed=\d+', 'seed=S', command)
   return re.sub(r'seed\d+\b', 'seedS', command)
 
