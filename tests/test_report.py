@@ -91,11 +91,16 @@ def test_a_table_of_runs_is_made_cell_by_cell(table, tmp_path):
 def test_records_reproduce_the_table_without_the_run_folders(table, tmp_path):
   (table / 'fixmatch_seed0' / 'checkpoints' / '4').mkdir(parents=True)
   (table / 'fixmatch_seed0' / 'checkpoints' / '4' / 'big').write_bytes(b'x' * 100)
+  unfinished = table / 'uda_seed0'
+  make_run(unfinished)
+  (unfinished / 'results.json').unlink()
   records = tmp_path / 'records'
   first = report.report([str(table)], str(tmp_path / 'a.md'), records=str(records))
   assert not (records / 'fm' / 'fixmatch_seed0' / 'checkpoints').exists()
   assert sorted(os.listdir(records / 'fm' / 'fixmatch_seed0')) == ['config.json', 'metrics.jsonl',
                                                                    'results.json']
+  assert not (records / 'fm' / 'uda_seed0').exists()  # unfinished: left out whole
+  assert (records / 'fm' / 'table.json').exists()
   again = report.report([str(records)], str(tmp_path / 'b.md'))
   assert again == first
 
@@ -154,3 +159,29 @@ def test_provenance_records_the_machine_and_its_load():
   assert record['command'].startswith('python ')
   assert set(record) >= {'sslj_version', 'commit', 'dirty', 'device_kind', 'device_count',
                          'host_cpu', 'jax_version', 'finished'}
+
+
+def test_the_committed_results_page_is_the_tools_output_from_the_committed_records(tmp_path):
+  """docs/results.md is exactly what the README's report command makes from docs/records."""
+  import shutil
+  shutil.copytree(os.path.join(ROOT, 'docs', 'records'), tmp_path / 'docs' / 'records')
+  env = {**os.environ, 'PYTHONPATH': ROOT}
+  done = subprocess.run([sys.executable, '-m', 'sslj.report', '--runs=docs/records',
+                         '--out=docs/results.md'], cwd=tmp_path, capture_output=True, text=True,
+                        env=env, check=False)
+  assert done.returncode == 0, done.stderr
+  with open(os.path.join(ROOT, 'docs', 'results.md'), encoding='utf-8') as f:
+    committed = f.read()
+  assert (tmp_path / 'docs' / 'results.md').read_text(encoding='utf-8') == committed
+  for picture in os.listdir(tmp_path / 'docs' / 'images'):
+    assert os.path.exists(os.path.join(ROOT, 'docs', 'images', picture)), picture
+
+
+def test_provenance_writes_a_module_run_as_python_dash_m(tmp_path):
+  (tmp_path / 'show_command.py').write_text('from sslj import provenance\nprint(provenance.command())\n')
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([ROOT, str(tmp_path)])}
+  done = subprocess.run([sys.executable, '-m', 'show_command', '--runs=a b'], capture_output=True,
+                        text=True, env=env, check=True)
+  assert done.stdout.strip() == "python -m show_command '--runs=a b'"
+  assert report._generic_command('python /x/sslj/sweep.py --seeds=1') == (
+      'python -m sslj.sweep --seeds=1')
