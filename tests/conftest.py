@@ -100,6 +100,37 @@ def tiny_config(method='supervised', arg='', **overrides):
   return config
 
 
+def train_until_first_checkpoint(config, workdir, monkeypatch):
+  """Trains `config` in `workdir` and stops it as a kill would, right after
+  its first checkpoint is saved (KeyboardInterrupt); saving works again after."""
+  from sslj import checkpoint, train
+  real_save = checkpoint.Checkpointer.save
+
+  def save_then_die(self, step, state, force=False):
+    saved = real_save(self, step, state, force=force)
+    if saved:
+      raise KeyboardInterrupt('killed after the first checkpoint')
+    return saved
+
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save', save_then_die)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(config, str(workdir))
+  finally:
+    monkeypatch.setattr(checkpoint.Checkpointer, 'save', real_save)
+
+
+def latest_checkpoint(workdir):
+  """(step, the whole restored state tree) of a run's latest checkpoint."""
+  import orbax.checkpoint as ocp
+  from sslj import checkpoint
+  ckpt = checkpoint.Checkpointer(str(workdir), every=0, keep=10)
+  step = ckpt.latest_step()
+  restored = ocp.PyTreeCheckpointer().restore(os.path.join(ckpt.directory, str(step), 'default'))
+  ckpt.close()
+  return step, restored
+
+
 def replace_method(monkeypatch, name, **fields):
   """Registers `name` with some of its `Definition` fields replaced, for one test."""
   import dataclasses

@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from scipy import ndimage, stats
 from sklearn import metrics
 
-from conftest import assert_trees_equal, tiny_config
-from sslj import checkpoint, models, parallel, train
+from conftest import (assert_trees_equal, latest_checkpoint, tiny_config,
+                      train_until_first_checkpoint)
+from sslj import models, parallel, train
 from sslj.data import augment
 from sslj.errors import UserError
 from sslj.methods import deep_cluster as dc
@@ -348,12 +348,7 @@ def test_tiny_run_reclusters_every_epoch_and_scores_both_probes(tmp_path, data_d
     export.export(str(tmp_path), out=str(tmp_path / 'export'))
 
 
-def _checkpointed(workdir):
-  ckpt = checkpoint.Checkpointer(workdir, every=0, keep=10)
-  step = ckpt.latest_step()
-  restored = ocp.PyTreeCheckpointer().restore(f'{ckpt.directory}/{step}/default')
-  ckpt.close()
-  return step, restored
+_checkpointed = latest_checkpoint
 
 
 @pytest.mark.parametrize('options', [{}, {'deep_cluster.head_init': 'normal_0.01',
@@ -364,17 +359,7 @@ def test_resume_across_an_epoch_boundary_equals_a_straight_run(tmp_path, data_di
   # Epochs start at steps 0, 4, 8; the run dies after its checkpoint at 6.
   config = _config(data_dir, **options)
   expected = train.train_and_evaluate(config, str(tmp_path / 'straight'))
-  real_save = checkpoint.Checkpointer.save
-
-  def save_then_die(self, step, state, force=False):
-    if real_save(self, step, state, force=force):
-      raise KeyboardInterrupt('killed after the first checkpoint')
-    return False
-
-  monkeypatch.setattr(checkpoint.Checkpointer, 'save', save_then_die)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  monkeypatch.setattr(checkpoint.Checkpointer, 'save', real_save)
+  train_until_first_checkpoint(config, tmp_path / 'resumed', monkeypatch)
   assert _checkpointed(str(tmp_path / 'resumed'))[0] == 6
   got = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert got['models'] == expected['models']

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from sslj import checkpoint, train
+from conftest import tiny_config, train_until_first_checkpoint
+from sslj import train
 from sslj.errors import UserError
 from sslj.methods import kmeans_pseudo_label
 from sslj.ops import pseudo_labels
@@ -110,16 +110,7 @@ def test_interrupted_run_resumes_to_the_same_end(tmp_path, data_dir, monkeypatch
       'kmeans_pseudo_label.num_clusters': 20, 'num_steps': 8, 'eval_every': 0,
       'checkpoint_every': 4, 'batch_size': 32, 'kmeans_pseudo_label.mu': 7})
   straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
-  real_save = checkpoint.Checkpointer.save
-
-  def save_then_die(self, step, state, force=False):
-    if real_save(self, step, state, force=force):
-      raise KeyboardInterrupt('killed after the first checkpoint')
-
-  monkeypatch.setattr(checkpoint.Checkpointer, 'save', save_then_die)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  monkeypatch.setattr(checkpoint.Checkpointer, 'save', real_save)
+  train_until_first_checkpoint(config, tmp_path / 'resumed', monkeypatch)
   resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert resumed['models'] == straight['models']
   lines = [json.loads(l) for l in open(tmp_path / 'resumed' / 'metrics.jsonl')]

@@ -8,12 +8,12 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from conftest import assert_trees_equal, tiny_config
-from sslj import checkpoint, models, parallel, train
+from conftest import (assert_trees_equal, latest_checkpoint, tiny_config,
+                      train_until_first_checkpoint)
+from sslj import models, parallel, train
 from sslj.data import augment
 from sslj.errors import UserError
 from sslj.methods import ssl_gan
@@ -213,12 +213,7 @@ def test_separate_generator_batch_is_a_second_draw_of_the_loop(data_dir):
   assert float(on_d_half['g_loss']) != float(metrics['g_loss'])
 
 
-def _checkpointed(workdir):
-  ckpt = checkpoint.Checkpointer(workdir, every=0, keep=10)
-  step = ckpt.latest_step()
-  restored = ocp.PyTreeCheckpointer().restore(f'{ckpt.directory}/{step}/default')
-  ckpt.close()
-  return step, restored
+_checkpointed = latest_checkpoint
 
 
 def test_reference_options_run_resumes_to_the_same_end(tmp_path, data_dir, monkeypatch):
@@ -226,17 +221,7 @@ def test_reference_options_run_resumes_to_the_same_end(tmp_path, data_dir, monke
                                      'ssl_gan.num_samples': 4, 'ssl_gan.feature_matching': 'l1',
                                      'ssl_gan.generator_batch': 'separate'})
   expected = train.train_and_evaluate(config, str(tmp_path / 'straight'))
-  real_save = checkpoint.Checkpointer.save
-
-  def save_then_die(self, step, state, force=False):
-    if real_save(self, step, state, force=force):
-      raise KeyboardInterrupt('killed after the first checkpoint')
-    return False
-
-  monkeypatch.setattr(checkpoint.Checkpointer, 'save', save_then_die)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  monkeypatch.setattr(checkpoint.Checkpointer, 'save', real_save)
+  train_until_first_checkpoint(config, tmp_path / 'resumed', monkeypatch)
   assert _checkpointed(str(tmp_path / 'resumed'))[0] == 6
   got = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert got['models'] == expected['models']

@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, copy_of_tiny_run, tiny_config
+from conftest import ROOT, copy_of_tiny_run, tiny_config, train_until_first_checkpoint
 from sslj import checkpoint, train
 
 
@@ -69,18 +69,7 @@ def test_interrupted_run_resumes_to_the_same_end(tmp_path, data_dir, tiny_run, m
   expected = copy_of_tiny_run(tiny_run, straight)
 
   resumed = tmp_path / 'resumed'
-  real_save = checkpoint.Checkpointer.save
-
-  def save_then_die(self, step, state, force=False):
-    saved = real_save(self, step, state, force=force)
-    if saved:
-      raise KeyboardInterrupt('killed after the first checkpoint')
-    return saved
-
-  monkeypatch.setattr(checkpoint.Checkpointer, 'save', save_then_die)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(resumed))
-  monkeypatch.setattr(checkpoint.Checkpointer, 'save', real_save)
+  train_until_first_checkpoint(config, resumed, monkeypatch)
   assert _final_params(str(resumed))[0] == 6
   got = train.train_and_evaluate(config, str(resumed))
 
