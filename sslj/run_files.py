@@ -81,12 +81,12 @@ def _read_json(path: str):
                     'move the workdir away to start the run from scratch.') from None
 
 
-def _flatten(tree, prefix=''):
+def flatten(tree, prefix=''):
   flat = {}
   for key, value in tree.items():
     name = f'{prefix}{key}'
     if isinstance(value, dict):
-      flat.update(_flatten(value, name + '.'))
+      flat.update(flatten(value, name + '.'))
     else:
       flat[name] = value
   return flat
@@ -110,7 +110,7 @@ def check_recorded(workdir: str, config) -> None:
     raise UserError(f'{path} is damaged (not a JSON object); restore it from a copy, or move '
                     'the workdir away to start the run from scratch.')
   current = json.loads(config.to_json_best_effort())
-  a, b = _flatten(with_added_fields(recorded)), _flatten(current)
+  a, b = flatten(with_added_fields(recorded)), flatten(current)
   differ = sorted(k for k in set(a) | set(b)
                   if k not in RUN_CONTROL and a.get(k) != b.get(k))
   if differ:

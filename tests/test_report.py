@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from sslj import provenance, report
+from sslj import provenance, report, run_records
 from sslj.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,10 +133,10 @@ def test_a_row_with_one_seed_twice_is_refused(table):
 
 
 def test_the_seed_part_of_a_path_names_the_row():
-  assert report.row_key('fixmatch_seed12') == 'fixmatch'
-  assert report.row_key(os.path.join('fixmatch', 'seed0')) == 'fixmatch'
-  assert report.row_key('seed3') == '.'
-  assert report.row_key('mt_w100') == 'mt_w100'
+  assert run_records.row_key('fixmatch_seed12') == 'fixmatch'
+  assert run_records.row_key(os.path.join('fixmatch', 'seed0')) == 'fixmatch'
+  assert run_records.row_key('seed3') == '.'
+  assert run_records.row_key('mt_w100') == 'mt_w100'
 
 
 def test_command_line_makes_the_page_and_refuses_bad_folders(table, tmp_path):
