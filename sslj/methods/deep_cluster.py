@@ -9,9 +9,9 @@ Before every epoch (`on_epoch_start`, a host hook of the training loop):
    k-means++, `kmeans_iters` Lloyd iterations, the best of `kmeans_n_init`
    runs) groups them into k clusters; the assignments are the epoch's
    pseudo-labels;
-4. sampling tables are built so that every step draws images uniformly over
-   the non-empty clusters (a cluster with equal probability, then an image
-   of it uniformly), which keeps large clusters from dominating and the
+4. sampling tables are built (`sslj.ops.cluster_sampling`) so that every
+   step draws images uniformly over the non-empty clusters (a cluster with
+   equal probability, then an image of it uniformly), which keeps large clusters from dominating and the
    network from collapsing into a few of them;
 5. the classifier head is re-initialised (`deep_cluster.head_init`) and its
    optimiser state zeroed: the cluster indices of one epoch have nothing to
@@ -92,7 +92,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 from absl import logging
 import flax
@@ -108,6 +108,7 @@ from sslj.errors import UserError
 from sslj.methods import base, frozen_features, network
 from sslj.models import heads
 from sslj.ops import front_ends, kmeans, nmi, optim, probes, whitening
+from sslj.ops.cluster_sampling import ClusterTables, cluster_tables, sample_uniform_over_clusters
 
 # Key streams under the run's seed (1 is the random network of the probe).
 _KMEANS_STREAM, _HEAD_STREAM = 2, 3
@@ -120,44 +121,6 @@ HEAD_INITS = {'lecun_normal': nn.linear.default_kernel_init,
 HEAD_OPTIMIZERS = ('shared', 'plain_sgd')
 # `deep_cluster.cluster_features`: the model's own, or before the last ReLU.
 CLUSTER_FEATURES = ('post_relu', 'pre_relu')
-
-
-class ClusterTables(NamedTuple):
-  """One epoch's pseudo-labels and what the sampler draws from.
-
-  Attributes:
-    labels: int32 [U], the cluster of every pool image (its pseudo-label).
-    order: int32 [U], pool indices sorted by cluster (stable).
-    start: int32 [k], where each cluster's images begin in `order`.
-    size: int32 [k], images per cluster.
-    nonempty: int32 [k], the non-empty clusters' ids first (ascending), then 0.
-    num_nonempty: int32 scalar.
-  """
-  labels: jax.Array
-  order: jax.Array
-  start: jax.Array
-  size: jax.Array
-  nonempty: jax.Array
-  num_nonempty: jax.Array
-
-
-def cluster_tables(labels: np.ndarray, num_clusters: int) -> ClusterTables:
-  labels = np.asarray(labels, np.int32)
-  size = np.bincount(labels, minlength=num_clusters).astype(np.int32)
-  used = np.flatnonzero(size).astype(np.int32)
-  nonempty = np.zeros(num_clusters, np.int32)
-  nonempty[:len(used)] = used
-  return ClusterTables(labels=labels, order=np.argsort(labels, kind='stable').astype(np.int32),
-                       start=(np.cumsum(size) - size).astype(np.int32), size=size,
-                       nonempty=nonempty, num_nonempty=np.int32(len(used)))
-
-
-def sample_uniform_over_clusters(tables: ClusterTables, key, n: int) -> jax.Array:
-  """`n` pool indices: a non-empty cluster uniformly, then one of its images uniformly."""
-  cluster_key, member_key = jax.random.split(key)
-  cluster = tables.nonempty[jax.random.randint(cluster_key, (n,), 0, tables.num_nonempty)]
-  offset = jax.random.randint(member_key, (n,), 0, tables.size[cluster])
-  return tables.order[tables.start[cluster] + offset]
 
 
 class DeepClusterState(flax.struct.PyTreeNode):
