@@ -11,6 +11,7 @@ import os
 
 import jax
 
+from sslj import methods
 from sslj.errors import UserError
 
 # Fields that change how a run is watched or stored, not what it computes:
@@ -25,24 +26,23 @@ RUN_CONTROL = ('log_every', 'eval_every', 'eval_at', 'checkpoint_every', 'keep_c
 # sweeps over it continue, and eval/probe/export rebuild it as it trained. A
 # field whose new default changes what a run computes is listed with the old
 # behaviour's value, so resuming an old run under the new default is refused.
+# These are the fields every method's config has; a method's own are its
+# `Definition.fields_added`.
 FIELDS_ADDED = {
     'optimizer.decay': 'all',
-    'mean_teacher.rampup_granularity': 'step',
-    'kmeans_features.standardize': 'labeled',
-    'deep_cluster.standardize': 'labeled',
-    'exemplar.standardize': 'labeled',
-    'deep_cluster.head_init': 'lecun_normal',
-    'deep_cluster.head_optimizer': 'shared',
-    'deep_cluster.cluster_features': 'post_relu',
-    'ssl_gan.feature_matching': 'l2',
-    'ssl_gan.generator_batch': 'shared',
 }
 
 
+def fields_added(method: str | None) -> dict:
+  """FIELDS_ADDED and the recorded method's own added fields (none for an unknown name)."""
+  known = methods.registry().get(method) if isinstance(method, str) else None
+  return {**FIELDS_ADDED, **(known.fields_added if known is not None else {})}
+
+
 def with_added_fields(recorded: dict) -> dict:
-  """`recorded` (a config.json's dict) with every FIELDS_ADDED field its sections lack."""
+  """`recorded` (a config.json's dict) with every added field of its method its sections lack."""
   filled = json.loads(json.dumps(recorded))
-  for name, value in FIELDS_ADDED.items():
+  for name, value in fields_added(filled.get('method')).items():
     *sections, key = name.split('.')
     node = filled
     for section in sections:

@@ -105,17 +105,28 @@ def test_a_run_recorded_before_a_field_existed_resumes_as_it_trained(tmp_path):
   # Sections a method does not have gain nothing.
   filled = run_files.with_added_fields(json.loads(tiny_config().to_json_best_effort()))
   assert 'mean_teacher' not in filled and 'kmeans_features' not in filled
+  # A method's own added fields fill only its own runs' configs.
+  recorded = json.loads(tiny_config('deep_cluster').to_json_best_effort())
+  del recorded['deep_cluster']['head_init']
+  assert run_files.with_added_fields(recorded)['deep_cluster']['head_init'] == 'lecun_normal'
+  recorded['method'] = 'supervised'
+  assert 'head_init' not in run_files.with_added_fields(recorded)['deep_cluster']
 
 
-def test_every_added_field_is_a_field_of_some_config():
-  """A misspelt FIELDS_ADDED name would never apply: each is in some method's config."""
+def test_every_added_field_is_a_field_of_its_methods_config():
+  """A misspelt added field would never apply: FIELDS_ADDED's are in every config,
+  a method's own (`Definition.fields_added`) in its config."""
   import glob
   from conftest import config_of
-  flat = set()
+  from sslj import methods
+  declared = set()
   for path in glob.glob(os.path.join(ROOT, 'configs', '*.py')):
     config = json.loads(config_of(os.path.basename(path)[:-3], '').to_json_best_effort())
-    flat |= set(run_files.flatten(config))
-  assert set(run_files.FIELDS_ADDED) <= flat, set(run_files.FIELDS_ADDED) - flat
+    own = methods.get(config['method']).fields_added
+    declared |= set(own)
+    missing = set(run_files.fields_added(config['method'])) - set(run_files.flatten(config))
+    assert not missing, (path, missing)
+  assert declared == {name for d in methods.registry().values() for name in d.fields_added}
 
 
 def test_eval_rebuilds_a_run_recorded_before_a_field_existed(tmp_path):

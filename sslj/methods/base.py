@@ -152,6 +152,9 @@ class Definition:
       for the t-SNE map. Gradient methods get theirs from `reported`.
     compare_models: (trained, averaged) names of `predict` whose curves the
       page compares (Mean Teacher's student and teacher); None: no pair.
+    fields_added: config fields (dotted names) this method gained after
+      runs were recorded without them, each with the value that reproduces
+      what those runs did (`run_files.with_added_fields` fills them in).
   """
   name: str
   summary: str
@@ -162,6 +165,7 @@ class Definition:
   pictures: Callable[[State | None, Any, Any, int], dict] | None = None
   features: Callable[[Any, str, Any], tuple[str, Any, str]] | None = None
   compare_models: tuple[str, str] | None = None
+  fields_added: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if (self.build is None) == (self.run_pipeline is None):

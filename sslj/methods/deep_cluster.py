@@ -367,4 +367,7 @@ def reported(state: DeepClusterState, config, data) -> base.Reported:
 
 METHOD = base.register(base.Definition(
     name='deep_cluster', summary="k-means of the network's own features as targets, re-clustered "
-    'every epoch', steps_per_epoch=steps_per_epoch, build=build, reported=reported))
+    'every epoch', steps_per_epoch=steps_per_epoch, build=build, reported=reported,
+    fields_added={'deep_cluster.standardize': 'labeled', 'deep_cluster.head_init': 'lecun_normal',
+                  'deep_cluster.head_optimizer': 'shared',
+                  'deep_cluster.cluster_features': 'post_relu'}))

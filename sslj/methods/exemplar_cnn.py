@@ -295,4 +295,5 @@ def pictures(state: ExemplarState | None, config, data, seed: int) -> dict:
 
 METHOD = base.register(base.Definition(
     name='exemplar_cnn', summary='randomly transformed seed patches as surrogate classes',
-    steps_per_epoch=steps_per_epoch, build=build, reported=reported, pictures=pictures))
+    steps_per_epoch=steps_per_epoch, build=build, reported=reported, pictures=pictures,
+    fields_added={'exemplar.standardize': 'labeled'}))

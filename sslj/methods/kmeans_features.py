@@ -365,4 +365,5 @@ def trained_features(config, workdir: str, images: np.ndarray):
 
 METHOD = base.register(base.Definition(
     name='kmeans_svm', summary='single-layer k-means centroid features and a linear SVM',
-    run_pipeline=run_pipeline, features=trained_features))
+    run_pipeline=run_pipeline, features=trained_features,
+    fields_added={'kmeans_features.standardize': 'labeled'}))

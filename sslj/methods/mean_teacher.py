@@ -212,4 +212,5 @@ def reported(state: MeanTeacherState, config, data) -> base.Reported:
 METHOD = base.register(base.Definition(
     name='mean_teacher', summary='consistency with an exponential moving average of the weights',
     steps_per_epoch=steps_per_epoch, build=build, reported=reported,
-    compare_models=('student', 'teacher')))
+    compare_models=('student', 'teacher'),
+    fields_added={'mean_teacher.rampup_granularity': 'step'}))

@@ -391,4 +391,5 @@ def reported(state: GanState, config, data) -> base.Reported:
 
 METHOD = base.register(base.Definition(
     name='ssl_gan', summary='a K+1-class discriminator against a generator (feature matching)',
-    steps_per_epoch=steps_per_epoch, build=build, reported=reported, pictures=pictures))
+    steps_per_epoch=steps_per_epoch, build=build, reported=reported, pictures=pictures,
+    fields_added={'ssl_gan.feature_matching': 'l2', 'ssl_gan.generator_batch': 'shared'}))
