@@ -68,6 +68,7 @@ def get_config(arg=None):
       # Against the reference code (sslj/methods/ssl_gan.py's docstring):
       feature_matching='l2',       # squared L2 of the mean features; 'l1': the CIFAR script's
       generator_batch='shared',    # the discriminator's unlabeled batch; 'separate': another
+      data_init=False,             # True: weight norm's data-dependent init on 500 images
   )
 
   if args.dataset != 'digits':

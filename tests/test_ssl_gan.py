@@ -213,13 +213,50 @@ def test_separate_generator_batch_is_a_second_draw_of_the_loop(data_dir):
   assert float(on_d_half['g_loss']) != float(metrics['g_loss'])
 
 
+def test_data_init_normalises_every_layer_on_its_images_and_keeps_the_directions(data_dir):
+  """improved-gan's init: each layer's pre-activations on the init images, in one
+  training-mode pass, have per-channel mean 0 and deviation 1 (the head 0.1)."""
+  config, data, method, state, _ = _built(data_dir, **{'ssl_gan.data_init': True})
+  images = ssl_gan.data_init_images(config, data, method.train_step.keywords['preprocess'])
+  assert len(images) == min(ssl_gan.DATA_INIT_IMAGES, len(data.unlabeled_images))
+  d_key = jax.random.split(jax.random.key(0))[0]
+  disc = state.discriminator
+  _, captured = disc.apply_fn({'params': disc.params}, images, train=True,
+                              rngs={'dropout': jax.random.fold_in(d_key, 1)},
+                              capture_intermediates=True)
+  layers = {name: np.asarray(out['__call__'][0]) for name, out in
+            captured['intermediates'].items() if name.startswith('WeightNorm') or name == 'head'}
+  assert len(layers) == 8
+  for name, t in layers.items():
+    axes = tuple(range(t.ndim - 1))
+    np.testing.assert_allclose(t.mean(axes), 0.0, atol=2e-5, err_msg=name)
+    np.testing.assert_allclose(t.std(axes), 0.1 if name == 'head' else 1.0, rtol=2e-5,
+                               err_msg=name)
+  # Only scales, biases and the head change: every kernel's direction is Flax's.
+  _, _, _, plain, _ = _built(data_dir)
+  for name, layer in plain.discriminator.params.items():
+    if name.startswith('Conv_'):
+      np.testing.assert_array_equal(layer['kernel'], disc.params[name]['kernel'])
+      assert not np.array_equal(layer['bias'], disc.params[name]['bias'])
+  np.testing.assert_array_equal(plain.generator.params['Dense_0']['kernel'],
+                                state.generator.params['Dense_0']['kernel'])
+
+
+def test_data_init_needs_weight_normalised_layers(data_dir):
+  config = tiny_config('ssl_gan', **{'data.data_dir': data_dir, 'ssl_gan.labeled_batch_size': 4,
+                                     'ssl_gan.data_init': True, 'model.weight_norm': False})
+  with pytest.raises(UserError, match='ssl_gan.data_init=True initialises weight-normalised'):
+    ssl_gan.METHOD.make(config, train.load_data(config))
+
+
 _checkpointed = latest_checkpoint
 
 
 def test_reference_options_run_resumes_to_the_same_end(tmp_path, data_dir, monkeypatch):
   config = tiny_config('ssl_gan', **{'data.data_dir': data_dir, 'ssl_gan.labeled_batch_size': 4,
                                      'ssl_gan.num_samples': 4, 'ssl_gan.feature_matching': 'l1',
-                                     'ssl_gan.generator_batch': 'separate'})
+                                     'ssl_gan.generator_batch': 'separate',
+                                     'ssl_gan.data_init': True})
   expected = train.train_and_evaluate(config, str(tmp_path / 'straight'))
   train_until_first_checkpoint(config, tmp_path / 'resumed', monkeypatch)
   assert _checkpointed(str(tmp_path / 'resumed'))[0] == 6

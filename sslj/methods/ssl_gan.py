@@ -51,6 +51,15 @@ Departures from the reference code (openai/improved-gan,
     the first half is the discriminator's, the second the generator's
     (`split_unlabeled`). The method contract needs no new field for it; an
     epoch is still a pass of the discriminator's batches over the pool.
+  * Initialisation: by default the discriminator keeps Flax's initial
+    weights (weight-norm scales 1, zero biases, a LeCun-normal head). Both
+    scripts run weight normalisation's data-dependent initialisation once on
+    500 training images before training (`init_param(trainx[:500])`): every
+    layer's pre-activations made zero-mean and unit-variance per channel,
+    the output layer's deviation 0.1 in the CIFAR script.
+    `--config.ssl_gan.data_init=True` does that on 500 unlabeled images
+    drawn with the run's seed (`dcgan.data_dependent_init`; the head, a
+    plain Dense here, by scaling its kernel).
 
 References: Salimans, Goodfellow, Zaremba, Cheung, Radford, Chen. Improved
 Techniques for Training GANs. NeurIPS 2016. Lecouat, Foo, Zenati,
@@ -323,6 +332,19 @@ def pictures(state: GanState | None, config, data, seed: int) -> dict:
                             'running statistics).')}
 
 
+# Images of the data-dependent initialisation (improved-gan's `trainx[:500]`).
+DATA_INIT_IMAGES = 500
+
+
+def data_init_images(config, data, preprocess: network.Preprocess):
+  """The normalised unlabeled images `data_init` initialises on: up to
+  DATA_INIT_IMAGES of the pool, drawn without replacement with the run's seed."""
+  pool = data.unlabeled_images
+  rows = np.sort(np.random.default_rng(config.seed).choice(
+      len(pool), min(DATA_INIT_IMAGES, len(pool)), replace=False))
+  return preprocess.eval(pool[rows])
+
+
 def batch_split(config) -> tuple[int, int]:
   """(labeled, unlabeled) images per step; as many images are generated as unlabeled."""
   return base.labeled_share(config, config.ssl_gan.labeled_batch_size, 'ssl_gan')
@@ -349,6 +371,13 @@ def build(config, data, steps: base.Steps) -> base.Method:
     gen_opt.learning_rate = cfg.generator_learning_rate
   gen_tx = optim.make_optimizer(gen_opt, num_steps)
   average = ema.parameter_ema(cfg.ema_decay)
+  init_images = None
+  if cfg.data_init:
+    if not getattr(disc_model, 'weight_norm', False):
+      raise UserError(f'ssl_gan.data_init=True initialises weight-normalised layers; model '
+                      f"{config.model.name} has none (set model.weight_norm=True or "
+                      'ssl_gan.data_init=False).')
+    init_images = data_init_images(config, data, preprocess)
   settings = Settings(latent_dim=cfg.latent_dim, unsupervised_weight=cfg.unsupervised_weight,
                       manifold_weight=cfg.manifold_weight, manifold_eps=cfg.manifold_eps,
                       feature_matching=cfg.feature_matching,
@@ -357,6 +386,9 @@ def build(config, data, steps: base.Steps) -> base.Method:
   def init(key):
     d_key, g_key = jax.random.split(key)
     d_vars = network.init_variables(disc_model, d_key, data.labeled_images.shape[1:], spec)
+    if init_images is not None:
+      d_vars = models.dcgan.data_dependent_init(disc_model, d_vars, init_images,
+                                                jax.random.fold_in(d_key, 1))
     g_vars = gen_model.init(g_key, jnp.zeros((1, cfg.latent_dim), jnp.float32), train=False)
     disc = base.TrainState.create(apply_fn=disc_model.apply, variables=d_vars, tx=disc_tx)
     gen = base.TrainState.create(apply_fn=gen_model.apply, variables=g_vars, tx=gen_tx)
@@ -392,4 +424,5 @@ def reported(state: GanState, config, data) -> base.Reported:
 METHOD = base.register(base.Definition(
     name='ssl_gan', summary='a K+1-class discriminator against a generator (feature matching)',
     steps_per_epoch=steps_per_epoch, build=build, reported=reported, pictures=pictures,
-    fields_added={'ssl_gan.feature_matching': 'l2', 'ssl_gan.generator_batch': 'shared'}))
+    fields_added={'ssl_gan.feature_matching': 'l2', 'ssl_gan.generator_batch': 'shared',
+                  'ssl_gan.data_init': False}))

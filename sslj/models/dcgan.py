@@ -182,3 +182,65 @@ class DCGANDiscriminator(nn.Module):
     # Pool in float32: a bf16 mean over many positions loses precision.
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     return classifier_heads(self, features, return_features)
+
+
+def data_dependent_init(model: nn.Module, variables, images, dropout_key, *,
+                        head_stdv: float = 0.1):
+  """Weight normalisation's data-dependent initialisation of a discriminator.
+
+  Salimans & Kingma (2016, section 2.2), as improved-gan runs it once on 500
+  training images before training (`nn.py`, `WeightNormLayer` with
+  `init=True`; `train_cifar_feature_matching.py`, `init_param`): layer by
+  layer in the order of the forward pass, each weight-normalised
+  convolution's pre-activations t on `images` are made zero-mean and unit-
+  variance per channel by setting its scale g <- g / s and bias
+  b <- (b - m) / s, with m and s their mean and (population) deviation over
+  the batch and positions; the next layer then sees the normalised output.
+  The K-logit head, a plain Dense here, gets the same with deviation
+  `head_stdv` (the CIFAR script's `init_stdv=0.1` for its output layer), by
+  scaling its kernel.
+
+  The passes run in training mode with one `dropout_key` for all, so every
+  layer sees the dropout and noise draws a single pass of the reference
+  would. A deviation below 1e-8 (a constant channel) is taken as 1e-8.
+
+  Args:
+    model: a `DCGANDiscriminator` with `weight_norm=True` (any module whose
+      parameters hold `WeightNorm_<i>` scales of `Conv_<j>` kernels, and
+      `head`).
+    variables: its initial variables.
+    images: normalised float inputs [N, H, W, C].
+    dropout_key: the 'dropout' rng of the passes.
+    head_stdv: the head's target deviation.
+
+  Returns:
+    The variables with the scales, conv biases and head replaced.
+  """
+  params = jax.tree_util.tree_map(lambda a: a, dict(variables['params']))
+  layers = sorted((k for k in params if k.startswith('WeightNorm_')),
+                  key=lambda k: int(k.rsplit('_', 1)[1]))
+  if not layers:
+    raise ValueError('data_dependent_init needs weight-normalised layers (weight_norm=True)')
+
+  def pre_activations(params, name):
+    _, state = model.apply({**variables, 'params': params}, images, train=True,
+                           rngs={'dropout': dropout_key},
+                           capture_intermediates=lambda m, method: (m.name == name
+                                                                    and method == '__call__'))
+    return state['intermediates'][name]['__call__'][0].astype(jnp.float32)
+
+  for name in layers + ['head']:
+    t = pre_activations(params, name)
+    axes = tuple(range(t.ndim - 1))
+    mean = t.mean(axes)
+    inv = (head_stdv if name == 'head' else 1.0) / jnp.maximum(
+        jnp.sqrt(jnp.mean(jnp.square(t - mean), axes)), 1e-8)
+    if name == 'head':
+      params['head'] = {'kernel': params['head']['kernel'] * inv,
+                        'bias': (params['head']['bias'] - mean) * inv}
+      continue
+    (scale_name,) = params[name]  # 'Conv_<j>/kernel/scale'
+    conv = scale_name.split('/')[0]
+    params[name] = {scale_name: params[name][scale_name] * inv}
+    params[conv] = {**params[conv], 'bias': (params[conv]['bias'] - mean) * inv}
+  return {**variables, 'params': params}
