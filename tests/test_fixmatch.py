@@ -130,7 +130,13 @@ def test_one_step_updates_the_ema_and_logs_the_mask(data_dir):
                              + float(metrics['unlabeled_loss']), rtol=1e-6)
   assert 0.1 <= float(metrics['max_prob']) <= 1 and 0 <= float(metrics['mask_rate']) <= 1
   out = jax.jit(method.predict)(new, batch['unlabeled_images'])
-  assert set(out) == {'model', 'ema'} and method.reported_model == 'ema'
+  assert set(out) == {'model', 'ema', 'ema_live_stats'} and method.reported_model == 'ema'
+  # The reference code's EMA model: averaged weights, the trained network's statistics.
+  x = method.predict.keywords['preprocess'].eval(batch['unlabeled_images'])
+  live = new.apply_fn({'params': new.ema.average['params'], 'batch_stats': new.batch_stats}, x,
+                      train=False)
+  np.testing.assert_allclose(out['ema_live_stats'], live, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(out['ema_live_stats'], out['ema'])
 
 
 def test_fixmatch_cosine_matches_the_formula():
@@ -158,7 +164,7 @@ def test_tiny_run_writes_results(tmp_path, data_dir):
   results = train.train_and_evaluate(config, str(tmp_path))
   written = json.loads((tmp_path / 'results.json').read_text())
   assert written['method'] == 'fixmatch' and written['num_steps'] == 4
-  assert set(written['models']) == {'model', 'ema'}
+  assert set(written['models']) == {'model', 'ema', 'ema_live_stats'}
   assert written['top1'] == written['models']['ema']['top1'] == results['top1']
   lines = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   assert any('train/mask_rate' in l and 'train/max_prob' in l for l in lines)

@@ -14,9 +14,17 @@ The mean runs over every unlabeled image, kept or not. The target comes from
 the same forward pass (one batch of labeled, weak and strong images, so
 BatchNorm sees all three, as in the paper's code) with its gradient stopped.
 After each step an exponential moving average of the parameters and of the
-BatchNorm running statistics is updated (the paper's code averages every
-model variable); it is the reported model (`ema`), so averaged parameters
-are evaluated with statistics averaged over the same steps.
+BatchNorm running statistics is updated; it is the reported model (`ema`),
+so averaged parameters are evaluated with statistics averaged over the same
+steps. That departs from the reference code of the CIFAR-10/SVHN/STL-10
+runs: google-research/fixmatch averages the trainable variables only
+(`libml/utils.py`, `model_vars` over TRAINABLE_VARIABLES) and its EMA getter
+falls back to the live variable, so its EMA model normalises with the
+trained network's running statistics (only its `imagenet/fixmatch.py`
+averages every variable); USB copies the live buffers into its EMA model,
+and TorchSSL averages the parameters only. That model is evaluated too, as
+`ema_live_stats` in `results.json` and `metrics.jsonl`; the docs' A/B table
+compares the two.
 
 Departures from the paper: the EMA starts with `ema.decay_at`'s short
 warm-up instead of averaging in the random initialisation; weight decay is
@@ -181,7 +189,11 @@ def predict(state: FixMatchState, images, *, preprocess: network.Preprocess):
   model = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
                          x, train=False)
   averaged = state.apply_fn(state.ema.average, x, train=False)
-  return {'model': model, 'ema': averaged}
+  # The reference code's EMA model: averaged parameters, the trained
+  # network's own running statistics (see the module docstring).
+  live = state.apply_fn({'params': state.ema.average['params'], 'batch_stats': state.batch_stats},
+                        x, train=False)
+  return {'model': model, 'ema': averaged, 'ema_live_stats': live}
 
 
 PICTURE_IMAGES, PICTURE_VIEWS = 6, 7

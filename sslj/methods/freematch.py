@@ -38,8 +38,10 @@ models/freematch_entropy, USB semilearn/algorithms/freematch):
 
 Departures from the reference code, as in sslj/methods/fixmatch.py: the EMA
 of the weights starts with `ema.decay_at`'s short warm-up, and weight decay
-(the optimiser's L2) covers every parameter, BatchNorm included. Not
-measured against the reference code.
+(the optimiser's L2) covers every parameter, BatchNorm included, and the
+reported EMA model averages the BatchNorm running statistics too, where
+USB's EMA model (and TorchSSL's) normalises with the trained network's own
+statistics; that model is evaluated as `ema_live_stats`.
 
 References: Wang et al. 2023, "FreeMatch: self-adaptive thresholding for
 semi-supervised learning", ICLR (Sec. 3.2-3.3); reference code

@@ -40,8 +40,10 @@ SoftMatch code).
 
 Departures from the reference code, as in sslj/methods/fixmatch.py: the EMA
 of the weights starts with `ema.decay_at`'s short warm-up, and weight decay
-(the optimiser's L2) covers every parameter, BatchNorm included. Not
-measured against the reference code.
+(the optimiser's L2) covers every parameter, BatchNorm included, and the
+reported EMA model averages the BatchNorm running statistics too, where
+USB's EMA model (and TorchSSL's) normalises with the trained network's own
+statistics; that model is evaluated as `ema_live_stats`.
 
 References: Chen et al. 2023, "SoftMatch: addressing the quantity-quality
 trade-off in semi-supervised learning", ICLR (Sec. 3.2-3.3); reference code
