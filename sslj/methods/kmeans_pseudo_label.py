@@ -21,7 +21,12 @@ The network then trains on labeled images plus the named unlabeled ones:
 
   loss = CE(labeled) + weight * mean_b mask(b) * CE(unlabeled(b), name(cluster(b)))
 
-(the masked mean of `pseudo_labels.masked_cross_entropy`). With the fixed
+(the masked mean of `pseudo_labels.masked_cross_entropy`). Labeled and
+unlabeled images go through the network in one training-mode pass, so
+BatchNorm normalises them together and its running statistics follow the
+whole batch (Pseudo-Label's default `bn_passes='joint'`; this method has no
+`bn_passes` field). With 'network' the clustered features are computed in
+inference mode, with the running statistics. With the fixed
 sources the clustering happens once, before the first step. With 'network'
 the first `warmup_epochs` train on the labels alone (the random network's
 clusters mean little), then the clusters are refreshed on schedule.

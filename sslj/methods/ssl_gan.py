@@ -51,6 +51,14 @@ Departures from the reference code (openai/improved-gan,
     the first half is the discriminator's, the second the generator's
     (`split_unlabeled`). The method contract needs no new field for it; an
     epoch is still a pass of the discriminator's batches over the pool.
+  * The generator's BatchNorm normalises with the batch's statistics in
+    both steps, as in the scripts. Its running statistics are tracked (the
+    generator step's update is kept, the discriminator step's dropped) and
+    the sample grids use them (`train=False`); the scripts never apply the
+    generator's `bn_updates` and draw their samples with batch statistics.
+    This changes the pictures only, not what the discriminator learns.
+    The default discriminator has no BatchNorm (weight normalisation), as
+    in the scripts.
   * Initialisation: by default the discriminator keeps Flax's initial
     weights (weight-norm scales 1, zero biases, a LeCun-normal head). Both
     scripts run weight normalisation's data-dependent initialisation once on
