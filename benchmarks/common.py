@@ -258,7 +258,8 @@ class TrainStep:
     data: the host-side `SemiSupervisedData` the benchmark was built from.
     images_per_step: labeled + unlabeled images a step samples (for methods
       that sample none themselves, such as Exemplar-CNN, `batch_size`).
-    jitted: the jitted `(state, first_bad, data, base_key) -> (state, first_bad, metrics)`.
+    jitted: the jitted `(state, first_bad, label_scores, data, base_key) ->
+      (state, first_bad, label_scores, metrics)` (`fresh_carry` is its first three).
   """
 
   def __init__(self, config, data, *, donate: bool = True):
@@ -277,13 +278,14 @@ class TrainStep:
         sample_unlabeled=self.method.sample_unlabeled)
     self.step = functools.partial(train.sampled_step, method_step=self.method.train_step,
                                   sampler=self.sampler)
-    self.jitted = jax.jit(self.step, donate_argnums=(0, 1) if donate else ())
+    self.jitted = jax.jit(self.step, donate_argnums=(0, 1, 2) if donate else ())
     self.images_per_step = (self.method.labeled_batch + self.method.unlabeled_batch
                             or config.batch_size)
 
   def fresh_carry(self):
-    """(state, first_bad): a newly initialised state."""
-    return self._init(self.init_key), self._bad()
+    """(state, first_bad, label_scores): a newly initialised state."""
+    return (self._init(self.init_key), self._bad(),
+            jax.device_put(np.zeros(4, np.float32), parallel.replicated(self.mesh)))
 
   def compile(self, carry):
     """(compiled step, seconds to lower and compile, FLOPs per step or None)."""
@@ -297,11 +299,11 @@ class TrainStep:
     box = [carry]
 
     def run(n: int):
-      state, bad = box[0]
+      carry = box[0]
       for _ in range(n):
-        state, bad, metrics = fn(state, bad, self.train_data, self.base_key)
-      jax.block_until_ready((state, bad, metrics))
-      box[0] = (state, bad)
+        *carry, metrics = fn(*carry, self.train_data, self.base_key)
+      jax.block_until_ready((carry, metrics))
+      box[0] = tuple(carry)
       return metrics
 
     return run

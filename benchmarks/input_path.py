@@ -24,6 +24,7 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
+import numpy as np
 
 from benchmarks import common
 from sslj import methods, parallel, train
@@ -52,8 +53,8 @@ def _time(fn, state, steps, repeats=5):
 def measure(config, steps: int, repeats: int = 5) -> dict:
   definition = methods.get(config.method)
   data = train.load_data(config)
-  steps = definition.steps(config, data)
-  method = definition.build(config, data, steps)
+  run_steps = definition.steps(config, data)
+  method = definition.build(config, data, run_steps)
   mesh = parallel.make_mesh()
   train_data = train.put_train_data(data, method, mesh)
   init_key, base_key = jax.random.split(jax.random.key(config.seed))
@@ -63,15 +64,15 @@ def measure(config, steps: int, repeats: int = 5) -> dict:
 
   # The full step, as training runs it.
   full = jax.jit(functools.partial(train.sampled_step, method_step=method.train_step,
-                                   sampler=sampler), donate_argnums=(0, 1))
+                                   sampler=sampler), donate_argnums=(0, 1, 2))
   # Replicated, as the loop puts it: an uncommitted first value would make
   # the second call compile again, inside the timed region.
   bad = jax.device_put(jnp.array(-1, jnp.int32), parallel.replicated(mesh))
+  scores = jax.device_put(np.zeros(4, np.float32), parallel.replicated(mesh))
 
   def run_full(carry):
-    state, bad = carry
-    state, bad, _ = full(state, bad, train_data, base_key)
-    return state, bad
+    *carry, _ = full(*carry, train_data, base_key)
+    return tuple(carry)
 
   # The same update with augmentation off, on one batch already on the device.
   config_plain = config.copy_and_resolve_references()
@@ -85,7 +86,7 @@ def measure(config, steps: int, repeats: int = 5) -> dict:
   config_plain.augment.crop_scale = None
   for key in ('brightness', 'contrast', 'saturation', 'hue'):
     config_plain.augment[key] = 0.0
-  plain = definition.build(config_plain, data, steps)
+  plain = definition.build(config_plain, data, run_steps)
   batch = jax.jit(sampler)(train_data, jax.random.key(1))
   plain_step = jax.jit(plain.train_step, donate_argnums=(0,))
 
@@ -94,7 +95,7 @@ def measure(config, steps: int, repeats: int = 5) -> dict:
     return state
 
   make_state = jax.jit(method.init, out_shardings=parallel.replicated(mesh))
-  t_full = _time(run_full, (make_state(init_key), bad), steps, repeats)
+  t_full = _time(run_full, (make_state(init_key), bad, scores), steps, repeats)
   t_plain = _time(run_plain, make_state(init_key), steps, repeats)
   return {'benchmark': 'input_path', 'device': jax.devices()[0].device_kind,
           'devices': jax.device_count(), 'jax': jax.__version__,

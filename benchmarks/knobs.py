@@ -55,15 +55,15 @@ def _scan_runner(bench: common.TrainStep, k: int, unroll: bool = False):
   """Runs n steps as n / k calls of one jitted scan over k steps (`unroll`:
   the k steps written out one after the other instead of an XLA while loop)."""
 
-  def k_steps(state, bad, data, base_key):
+  def k_steps(state, bad, scores, data, base_key):
     def body(carry, _):
-      state, bad, metrics = bench.step(*carry, data, base_key)
-      return (state, bad), metrics
-    (state, bad), metrics = jax.lax.scan(body, (state, bad), None, length=k,
-                                         unroll=k if unroll else 1)
-    return state, bad, jax.tree.map(lambda m: m[-1], metrics)
+      *carry, metrics = bench.step(*carry, data, base_key)
+      return tuple(carry), metrics
+    (state, bad, scores), metrics = jax.lax.scan(body, (state, bad, scores), None, length=k,
+                                                 unroll=k if unroll else 1)
+    return state, bad, scores, jax.tree.map(lambda m: m[-1], metrics)
 
-  run = bench.runner(jax.jit(k_steps, donate_argnums=(0, 1)), bench.fresh_carry())
+  run = bench.runner(jax.jit(k_steps, donate_argnums=(0, 1, 2)), bench.fresh_carry())
   return lambda n: run(max(1, n // k))
 
 

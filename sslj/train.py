@@ -31,10 +31,16 @@ from sslj.preemption import STOP_CHECK_EVERY, Interrupted  # pylint: disable=unu
 
 @flax.struct.dataclass
 class TrainData:
-  """The training images on the devices; `labels` is replicated."""
+  """The training images on the devices; `labels` is replicated.
+
+  `unlabeled_labels` (replicated int32 [U], -1 where unknown) is the pool's
+  hidden classes, None when the method draws no unlabeled images or none is
+  known; only `score_pseudo_labels` reads it, never the method.
+  """
   labeled: parallel.ResidentImages
   labels: jax.Array
   unlabeled: parallel.ResidentImages | None
+  unlabeled_labels: jax.Array | None = None
 
 
 def put_train_data(data, method: base.Method, mesh) -> TrainData:
@@ -42,12 +48,16 @@ def put_train_data(data, method: base.Method, mesh) -> TrainData:
 
   The unlabeled pool goes only to methods that sample from it.
   """
+  hidden = getattr(data, 'unlabeled_labels', None)
   return TrainData(
       labeled=parallel.put_resident(data.labeled_images, mesh),
       labels=parallel.to_global(data.labeled_labels.astype(np.int32),
                                 parallel.replicated(mesh)),
       unlabeled=(parallel.put_resident(data.unlabeled_images, mesh)
-                 if method.unlabeled_batch else None))
+                 if method.unlabeled_batch else None),
+      unlabeled_labels=(parallel.to_global(hidden, parallel.replicated(mesh))
+                        if method.unlabeled_batch and hidden is not None and (hidden >= 0).any()
+                        else None))
 
 
 def sample_batch(data: TrainData, key, state=None, *, mesh, labeled_batch: int,
@@ -74,19 +84,57 @@ def sample_batch(data: TrainData, key, state=None, *, mesh, labeled_batch: int,
   return batch
 
 
-def sampled_step(state, first_bad, data, base_key, *, method_step, sampler):
+def score_pseudo_labels(metrics: dict, batch, hidden) -> jax.Array:
+  """Removes a step's per-image pseudo-labels from `metrics` and scores them.
+
+  Returns float32 [4]: the sum over the batch's unlabeled rows whose class
+  `hidden` knows of (weight x right, weight, right, 1), where right is the
+  pseudo-label being the hidden class and weight its weight in the loss
+  (`base.PSEUDO_LABELS`, `base.PSEUDO_LABEL_WEIGHTS`); zeros when the step
+  gives none or `hidden` is None.
+  """
+  targets = metrics.pop(base.PSEUDO_LABELS, None)
+  weights = metrics.pop(base.PSEUDO_LABEL_WEIGHTS, None)
+  if targets is None or hidden is None:
+    return jnp.zeros(4, jnp.float32)
+  truth = hidden[batch['unlabeled_indices'][:targets.shape[0]]]
+  known = (truth >= 0).astype(jnp.float32)
+  right = (targets == truth).astype(jnp.float32) * known
+  weight = known if weights is None else weights.astype(jnp.float32) * known
+  return jnp.stack([jnp.sum(weight * right), jnp.sum(weight), jnp.sum(right), jnp.sum(known)])
+
+
+def pseudo_label_scalars(sums) -> dict:
+  """The logged accuracies (%) of summed `score_pseudo_labels` over a log interval.
+
+  `pseudo_label_accuracy`: of the targets, weighted by their weight in the
+  loss (those above a threshold, for a hard mask); `pseudo_label_accuracy_all`:
+  of every unlabeled image's target, used or not. Absent without weight or rows.
+  """
+  weighted, weight, right, rows = (float(v) for v in sums)
+  out = {}
+  if weight > 0:
+    out['pseudo_label_accuracy'] = 100.0 * weighted / weight
+  if rows > 0:
+    out['pseudo_label_accuracy_all'] = 100.0 * right / rows
+  return out
+
+
+def sampled_step(state, first_bad, label_scores, data, base_key, *, method_step, sampler):
   """Sample + method step + non-finite watch, as one compiled function.
 
   `first_bad` is the first step whose loss was not finite (-1 if none); it is
   kept on the device so that watching costs no host round trip per step.
+  `label_scores` sums `score_pseudo_labels` over the steps since the last log.
   """
   step = state.step
   sample_key, step_key = jax.random.split(jax.random.fold_in(base_key, step))
   batch = sampler(data, sample_key, state)
   state, metrics = method_step(state, batch, step_key)
+  label_scores = label_scores + score_pseudo_labels(metrics, batch, data.unlabeled_labels)
   finite = jnp.isfinite(metrics['loss'])
   first_bad = jnp.where((first_bad < 0) & ~finite, step, first_bad)
-  return state, first_bad, metrics
+  return state, first_bad, label_scores, metrics
 
 
 def count_correct(state, images, labels, mask, *, predict):
@@ -219,10 +267,13 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
                               sample_unlabeled=method.sample_unlabeled)
   step_fn = jax.jit(functools.partial(sampled_step, method_step=method.train_step,
                                       sampler=sampler),
-                    donate_argnums=(0, 1))
+                    donate_argnums=(0, 1, 2))
   count_fn = jax.jit(functools.partial(count_correct, predict=method.predict))
   book = logbook.Logbook(workdir, resume_step=start_step, total_steps=num_steps)
   first_bad = jax.device_put(jnp.array(-1, jnp.int32), replicated)
+  # A new buffer each time: the step donates (consumes) the one it is given.
+  no_scores = lambda: jax.device_put(np.zeros(4, np.float32), replicated)
+  label_scores = no_scores()
 
   def check_finite():
     bad = int(jax.device_get(first_bad))
@@ -268,7 +319,8 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
         state = method.on_epoch_start(state, step // epoch_steps)
       if step == start_step:  # after the first epoch's own work, which logs itself
         logging.info('Compiling the training step (the first step takes longest)...')
-      state, first_bad, metrics = step_fn(state, first_bad, train_data, base_key)
+      state, first_bad, label_scores, metrics = step_fn(state, first_bad, label_scores,
+                                                        train_data, base_key)
       in_flight.append(metrics['loss'])
       if step == start_step:  # compiled and run once: the rate is measured from here
         metrics['loss'].block_until_ready()
@@ -280,6 +332,8 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
       if done % config.log_every == 0 or done == num_steps:
         check_finite()
         scalars = jax.device_get(metrics)
+        scalars.update(pseudo_label_scalars(jax.device_get(label_scores)))
+        label_scores = no_scores()
         scalars.update(book.progress(done, scalars))
         if method.on_log is not None:
           scalars.update(method.on_log(done, scalars))

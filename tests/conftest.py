@@ -152,9 +152,10 @@ def mean_teacher_states(num_steps=3):
   data.labeled_images[:, :9] = 0
   data.unlabeled_images[:, :9] = 0
   step = common.TrainStep(config, data, donate=False)
-  state, bad = step.fresh_carry()
+  carry = step.fresh_carry()
   for _ in range(num_steps):
-    state, bad, _ = step.jitted(state, bad, step.train_data, step.base_key)
+    *carry, _ = step.jitted(*carry, step.train_data, step.base_key)
+  state = carry[0]
   return state
 
 

@@ -261,6 +261,9 @@ def test_stl10_fold_selects_the_labeled_set(stl10):
   np.testing.assert_array_equal(
       data.unlabeled_images, np.concatenate([written['train'][rest], written['unlabeled']])
   )
+  # The extra split's classes are unknown: -1.
+  np.testing.assert_array_equal(data.unlabeled_labels,
+                                np.concatenate([written['train_labels'][rest], [-1] * 7]))
   # The fold has one image per class: labels_per_class=1 is the whole fold,
   # 2 is more than it has.
   one = splits.semi_supervised(arrays, 1, seed=3, fold=4)
@@ -507,6 +510,9 @@ def test_semi_supervised_pool_and_statistics(digits):
   np.testing.assert_array_equal(np.bincount(data.labeled_labels), [4] * 10)
   rest = np.setdiff1d(np.arange(1347), data.labeled_indices)
   np.testing.assert_array_equal(data.unlabeled_images, digits.train_images[rest])
+  # Their hidden classes, for scoring pseudo-labels in the logs only.
+  np.testing.assert_array_equal(data.unlabeled_labels, digits.train_labels[rest])
+  assert data.unlabeled_labels.dtype == np.int32
   np.testing.assert_array_equal(data.labeled_images, digits.train_images[data.labeled_indices])
   everything = digits.train_images.astype(np.float64) / 255
   np.testing.assert_allclose(data.mean, everything.mean(axis=(0, 1, 2)), rtol=1e-6)

@@ -168,6 +168,10 @@ def test_tiny_run_writes_results(tmp_path, data_dir):
   assert written['top1'] == written['models']['ema']['top1'] == results['top1']
   lines = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   assert any('train/mask_rate' in l and 'train/max_prob' in l for l in lines)
+  # The pseudo-labels scored against the digits pool's hidden classes.
+  logged = [l for l in lines if 'train/pseudo_label_accuracy_all' in l]
+  assert logged and all(0 <= l['train/pseudo_label_accuracy_all'] <= 100 for l in logged)
+  assert not any(k.startswith('train/pseudo_labels') for l in lines for k in l)
 
 
 def test_pictures_show_each_image_its_weak_and_strong_views(data_dir):

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT, copy_of_tiny_run, tiny_config, train_until_first_checkpoint
 from sslj import checkpoint, train
+from sslj.methods import base
 
 
 def _final_params(workdir):
@@ -172,3 +173,31 @@ def test_model_fields_reach_the_constructor_and_unknown_ones_are_refused():
                             'zero_init_residual.')
   with pytest.raises(UserError, match='out of range'):
     preflight.check_config(tiny_config(**{'model.bn_momentum': 1.0}))
+
+
+def test_pseudo_labels_are_scored_against_the_hidden_classes_and_leave_the_metrics():
+  """The loop's score of a step's pseudo-labels, against numpy; -1 rows do not count."""
+  rng = np.random.default_rng(0)
+  hidden = rng.integers(-1, 3, 40).astype(np.int32)
+  indices = rng.integers(0, 40, 12).astype(np.int32)
+  targets = rng.integers(0, 3, 10).astype(np.int32)  # the first 10 of 12 rows
+  weights = rng.random(10).astype(np.float32)
+  metrics = {'loss': 1.0, base.PSEUDO_LABELS: targets, base.PSEUDO_LABEL_WEIGHTS: weights}
+  sums = np.asarray(jax.jit(lambda m: (train.score_pseudo_labels(m, {'unlabeled_indices': indices},
+                                                                  hidden), m))(metrics)[0])
+  truth = hidden[indices[:10]]
+  known = truth >= 0
+  right = (targets == truth) & known
+  np.testing.assert_allclose(sums, [np.sum(weights * right), np.sum(weights * known),
+                                    right.sum(), known.sum()], rtol=1e-6)
+  scalars = train.pseudo_label_scalars(sums)
+  np.testing.assert_allclose(scalars['pseudo_label_accuracy'],
+                             100 * np.sum(weights * right) / np.sum(weights * known), rtol=1e-5)
+  np.testing.assert_allclose(scalars['pseudo_label_accuracy_all'],
+                             100 * right.sum() / known.sum(), rtol=1e-6)
+  # The per-image entries are taken out, so only scalars are logged.
+  train.score_pseudo_labels(metrics, {'unlabeled_indices': indices}, hidden)
+  assert set(metrics) == {'loss'}
+  # Nothing known, or nothing given: zeros, and no scalars.
+  assert not np.any(np.asarray(train.score_pseudo_labels({}, {}, hidden)))
+  assert train.pseudo_label_scalars(np.zeros(4)) == {}

@@ -36,6 +36,10 @@ class SemiSupervisedData:
     std: float32 [C], per-channel (population) standard deviation of the same.
     labeled_indices: sorted int64 indices into the train split of the
       labelled images (to record or reproduce the split).
+    unlabeled_labels: int32 [U], the class of each unlabelled image where the
+      dataset knows it (train images) and -1 where it does not (the extra
+      split); None when not known at all. Never given to a method: the loop
+      only scores methods' pseudo-labels against it, for the logs.
   """
 
   labeled_images: np.ndarray
@@ -48,6 +52,7 @@ class SemiSupervisedData:
   mean: np.ndarray
   std: np.ndarray
   labeled_indices: np.ndarray
+  unlabeled_labels: np.ndarray | None = None
 
 
 def labeled_subset(
@@ -145,10 +150,13 @@ def semi_supervised(
     labeled = np.sort(pool[within])
   rest = np.ones(len(arrays.train_labels), dtype=bool)
   rest[labeled] = False
+  unknown = np.full(len(arrays.unlabeled_images), -1, np.int32)
   if unlabeled_from_train and rest.any():
     unlabeled = np.concatenate([arrays.train_images[rest], arrays.unlabeled_images])
+    unlabeled_labels = np.concatenate([arrays.train_labels[rest].astype(np.int32), unknown])
   else:
     unlabeled = arrays.unlabeled_images  # No copy: it may be gigabytes.
+    unlabeled_labels = unknown
   labeled_images = arrays.train_images[labeled]
   mean, std = channel_stats([labeled_images, unlabeled])
   return SemiSupervisedData(
@@ -162,6 +170,7 @@ def semi_supervised(
       mean=mean,
       std=std,
       labeled_indices=labeled,
+      unlabeled_labels=unlabeled_labels,
   )
 
 

@@ -55,7 +55,12 @@ class Method:
   Attributes:
     init: `key -> state`; the state is a pytree with an integer `step`.
     train_step: pure `(state, batch, key) -> (state, metrics)`; metrics is a
-      dict of scalars and must contain 'loss'.
+      dict of scalars and must contain 'loss'. A method that gives unlabeled
+      images targets may add PSEUDO_LABELS (int [n], the class of each of
+      the batch's first n unlabeled rows) and PSEUDO_LABEL_WEIGHTS (float
+      [n], each target's weight in the loss, 0 where it is not used): the
+      loop removes both and scores them against the pool's hidden labels,
+      which the method never sees (`train.score_pseudo_labels`).
     predict: pure `(state, images uint8 [B,H,W,C]) -> {model name: logits}`.
     reported_model: the entry of `predict` (or of `finalize`) that
       `results.json` reports.
@@ -90,6 +95,11 @@ class Method:
   on_eval: Callable[[State, int, str], None] | None = None
   on_log: Callable[[int, dict], dict] | None = None
   sample_unlabeled: Callable[[State, jax.Array, int], jax.Array] | None = None
+
+
+# Optional per-image entries of a step's metrics (see `Method.train_step`).
+PSEUDO_LABELS = 'pseudo_labels'
+PSEUDO_LABEL_WEIGHTS = 'pseudo_label_weights'
 
 
 @dataclasses.dataclass(frozen=True)

@@ -120,7 +120,7 @@ def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *,
   fairness loss); FixMatch has none.
   Returns (loss, aux) with aux = (labeled loss, unlabeled loss, mask, max
   probability, labeled logits, new batch_stats, new mask state, the extra
-  term's metrics).
+  term's metrics, the targets of the strong views).
   """
   logits, updates = apply_fn({'params': params, 'batch_stats': batch_stats}, inputs,
                              train=True, mutable=['batch_stats'], rngs={'dropout': dropout_key})
@@ -144,7 +144,7 @@ def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *,
     extra, extra_metrics = extra_loss(strong, mask, mask_state)
     loss = loss + extra
   return loss, (labeled_loss, unlabeled_loss, mask, max_prob, labeled,
-                updates['batch_stats'], mask_state, extra_metrics)
+                updates['batch_stats'], mask_state, extra_metrics, pseudo)
 
 
 def train_step(state: FixMatchState, batch, key, *, preprocess: network.Preprocess,
@@ -169,7 +169,7 @@ def train_step(state: FixMatchState, batch, key, *, preprocess: network.Preproce
   (loss, aux), grads = grad_fn(state.params, state.batch_stats, state.apply_fn, inputs,
                                batch['labels'], k_dropout)
   (labeled_loss, unlabeled_loss, mask, max_prob, labeled_logits, batch_stats, mask_state,
-   extra_metrics) = aux
+   extra_metrics, pseudo) = aux
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   _, averaged = average.update({'params': params, 'batch_stats': batch_stats}, state.ema)
@@ -181,6 +181,8 @@ def train_step(state: FixMatchState, batch, key, *, preprocess: network.Preproce
   if mask_fn.describe is not None:
     metrics.update(mask_fn.describe(mask_state))
   metrics.update(extra_metrics)
+  # Scored by the loop against the pool's hidden labels (train.score_pseudo_labels).
+  metrics.update({base.PSEUDO_LABELS: pseudo, base.PSEUDO_LABEL_WEIGHTS: mask})
   return state, metrics
 
 

@@ -176,11 +176,12 @@ def train_step(state: KMeansPseudoLabelState, batch, key, *, preprocess: network
       pseudo_label.loss_fn, weight=weight, threshold=0.0, targets=targets), has_aux=True)
   (loss, aux), grads = grad_fn(state.params, state.batch_stats, state.apply_fn, inputs,
                                batch['labels'], dropout_key)
-  labeled_loss, unlabeled_loss, mask, _, labeled_logits, batch_stats = aux
+  labeled_loss, unlabeled_loss, mask, _, labeled_logits, batch_stats, _ = aux
   state = state.apply_gradients(grads, batch_stats)
   top1 = base.top_k_correct(labeled_logits, batch['labels'], 1).mean()
   return state, {'loss': loss, 'labeled_loss': labeled_loss, 'unlabeled_loss': unlabeled_loss,
-                 'mask_rate': mask.mean(), 'train_top1': 100 * top1, **state.cluster_metrics}
+                 'mask_rate': mask.mean(), 'train_top1': 100 * top1, **state.cluster_metrics,
+                 base.PSEUDO_LABELS: targets[0], base.PSEUDO_LABEL_WEIGHTS: targets[1]}
 
 
 def batch_split(config) -> tuple[int, int]:

@@ -227,7 +227,10 @@ def train_step(state: MixMatchState, batch, key, *, preprocess: network.Preproce
   top1 = base.top_k_correct(labeled_logits, batch['labels'], 1).mean()
   return state, {'loss': loss, 'labeled_loss': labeled_loss, 'unlabeled_loss': unlabeled_loss,
                  'unlabeled_weight': weight, 'guess_max_prob': jnp.max(guess, -1).mean(),
-                 'mixup_lambda': lam_used.mean(), 'train_top1': 100 * top1}
+                 'mixup_lambda': lam_used.mean(), 'train_top1': 100 * top1,
+                 # Every guess is a target, at weight 1.
+                 base.PSEUDO_LABELS: jnp.argmax(guess, -1).astype(jnp.int32),
+                 base.PSEUDO_LABEL_WEIGHTS: jnp.ones(guess.shape[0], jnp.float32)}
 
 
 def predict(state: MixMatchState, images, *, preprocess: network.Preprocess):

@@ -66,7 +66,8 @@ def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *, weigh
   statistics (the reference code's frozen BatchNorm on the unlabeled pass).
   `targets`, if given, is (labels, mask) for the unlabeled images in place of
   the network's own argmax. Returns (loss, aux) with aux = (labeled loss,
-  unlabeled loss, mask, max probability, labeled logits, new batch_stats).
+  unlabeled loss, mask, max probability, labeled logits, new batch_stats, the
+  unlabeled images' targets).
   """
   variables = {'params': params, 'batch_stats': batch_stats}
   num_labeled = labels.shape[0]
@@ -86,7 +87,8 @@ def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *, weigh
   labeled_loss = network.cross_entropy(labeled, labels)
   unlabeled_loss = pseudo_labels.masked_cross_entropy(unlabeled, pseudo, mask)
   loss = labeled_loss + weight * unlabeled_loss
-  return loss, (labeled_loss, unlabeled_loss, mask, max_prob, labeled, updates['batch_stats'])
+  return loss, (labeled_loss, unlabeled_loss, mask, max_prob, labeled, updates['batch_stats'],
+                pseudo)
 
 
 def train_step(state: base.TrainState, batch, key, *, preprocess: network.Preprocess,
@@ -101,12 +103,13 @@ def train_step(state: base.TrainState, batch, key, *, preprocess: network.Prepro
       has_aux=True)
   (loss, aux), grads = grad_fn(state.params, state.batch_stats, state.apply_fn, inputs,
                                batch['labels'], dropout_key)
-  labeled_loss, unlabeled_loss, mask, max_prob, labeled_logits, batch_stats = aux
+  labeled_loss, unlabeled_loss, mask, max_prob, labeled_logits, batch_stats, pseudo = aux
   state = state.apply_gradients(grads, batch_stats)
   top1 = base.top_k_correct(labeled_logits, batch['labels'], 1).mean()
   return state, {'loss': loss, 'labeled_loss': labeled_loss, 'unlabeled_loss': unlabeled_loss,
                  'unlabeled_weight': weight, 'mask_rate': mask.mean(),
-                 'max_prob': max_prob.mean(), 'train_top1': 100 * top1}
+                 'max_prob': max_prob.mean(), 'train_top1': 100 * top1,
+                 base.PSEUDO_LABELS: pseudo, base.PSEUDO_LABEL_WEIGHTS: mask}
 
 
 def predict(state: base.TrainState, images, *, preprocess: network.Preprocess):

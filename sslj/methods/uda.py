@@ -118,7 +118,8 @@ def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *, num_u
 
   `eta` is the TSA threshold of this step (1: no annealing). Returns (loss,
   aux) with aux = (labeled loss, unlabeled loss, mask, max probability,
-  TSA kept, labeled logits, new batch_stats, new mask state).
+  TSA kept, labeled logits, new batch_stats, new mask state, the weak views'
+  most probable classes).
   """
   logits, updates = apply_fn({'params': params, 'batch_stats': batch_stats}, inputs,
                              train=True, mutable=['batch_stats'], rngs={'dropout': dropout_key})
@@ -134,7 +135,7 @@ def loss_fn(params, batch_stats, apply_fn, inputs, labels, dropout_key, *, num_u
   consistency = unlabeled_loss(weak, strong, mask, temperature=temperature)
   loss = labeled_loss + unlabeled_weight * consistency
   return loss, (labeled_loss, consistency, mask, jnp.max(probs, -1), kept, labeled,
-                updates['batch_stats'], mask_state)
+                updates['batch_stats'], mask_state, jnp.argmax(probs, -1).astype(jnp.int32))
 
 
 def train_step(state: UdaState, batch, key, *, preprocess: network.Preprocess,
@@ -154,7 +155,8 @@ def train_step(state: UdaState, batch, key, *, preprocess: network.Preprocess,
       unlabeled_weight=unlabeled_weight, eta=eta), has_aux=True)
   (loss, aux), grads = grad_fn(state.params, state.batch_stats, state.apply_fn, inputs,
                                batch['labels'], k_dropout)
-  labeled_loss, consistency, mask, max_prob, kept, labeled_logits, batch_stats, mask_state = aux
+  (labeled_loss, consistency, mask, max_prob, kept, labeled_logits, batch_stats, mask_state,
+   pseudo) = aux
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   _, averaged = average.update({'params': params, 'batch_stats': batch_stats}, state.ema)
@@ -163,7 +165,8 @@ def train_step(state: UdaState, batch, key, *, preprocess: network.Preprocess,
   top1 = base.top_k_correct(labeled_logits, batch['labels'], 1).mean()
   return state, {'loss': loss, 'labeled_loss': labeled_loss, 'unlabeled_loss': consistency,
                  'mask_rate': mask.mean(), 'max_prob': max_prob.mean(), 'tsa_threshold': eta,
-                 'tsa_kept': kept.mean(), 'train_top1': 100 * top1}
+                 'tsa_kept': kept.mean(), 'train_top1': 100 * top1,
+                 base.PSEUDO_LABELS: pseudo, base.PSEUDO_LABEL_WEIGHTS: mask}
 
 
 def predict(state: UdaState, images, *, preprocess: network.Preprocess):
