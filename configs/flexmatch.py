@@ -42,7 +42,8 @@ def get_config(arg=None):
   config.eval_every = 500
   config.checkpoint_every = 500
   config.optimizer.update(learning_rate=0.03, momentum=0.9, nesterov=True,
-                          weight_decay=5e-4, schedule='fixmatch_cosine')
+                          weight_decay=5e-4, schedule='fixmatch_cosine',
+                          decay='kernels')  # the reference code's: kernels only, not BN/biases
 
   config.flexmatch = dict(
       mu=7,                       # unlabeled images per labeled image

@@ -39,12 +39,13 @@ Departures from the reference code:
   then the last of its views that passes tau is recorded (the codes'
   indexed assignment leaves the order unspecified).
 * As in sslj/methods/fixmatch.py: the EMA starts with `ema.decay_at`'s
-  short warm-up, weight decay (the optimiser's L2) covers every parameter,
-  BatchNorm included, and the reported EMA model averages the BatchNorm
-  running statistics too, where TorchSSL's and USB's EMA models normalise
-  with the trained network's own statistics; that model is evaluated as
-  `ema_live_stats`.
-None of these was measured against the reference code.
+  short warm-up, and the reported EMA model averages the BatchNorm running
+  statistics too, where TorchSSL's and USB's EMA models normalise with the
+  trained network's own statistics; that model is evaluated as
+  `ema_live_stats`. Measured on FixMatch only (its docstring); the others
+  here were not measured against the reference code.
+Weight decay reaches the kernels only, as TorchSSL's and USB's does
+(`optimizer.decay='kernels'`).
 
 References: Zhang et al. 2021, "FlexMatch: boosting semi-supervised learning
 with curriculum pseudo labeling", NeurIPS (Sec. 3.2-3.3); reference code
