@@ -46,9 +46,9 @@ def get_config(arg=None):
       t2=2000.0,            # ... rises linearly to final_weight at t2
       final_weight=3.0,     # alpha_f
       threshold=0.0,        # keep targets with max probability >= this (0 = all)
-      # BatchNorm: 'joint' = one forward pass of all images; 'separate' =
-      # labeled, then unlabeled with its running-statistics update dropped.
-      bn_passes='joint',
+      # BatchNorm: 'separate' = labeled, then unlabeled with its running-
+      # statistics update dropped (USB's); 'joint' = one pass of all images.
+      bn_passes='separate',
   )
 
   if args.dataset == 'fashion_mnist':
