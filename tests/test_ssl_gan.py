@@ -315,14 +315,14 @@ def test_collapse_is_detected_on_a_collapsed_batch_only():
   ratio_spread = float(spread(real[::-1] * 0.9) / spread(real))
   assert ratio_collapsed < 0.01 and ratio_spread == pytest.approx(0.9, rel=1e-5)
 
-  watch = ssl_gan.CollapseWatch(fraction=0.1, patience=3)
+  watch = gan.CollapseWatch(fraction=0.1, patience=3)
   fired = [watch(step, {'spread_ratio': ratio_collapsed})['collapse'] for step in range(4)]
   assert fired == [0.0, 0.0, 1.0, 1.0]
   assert watch(4, {'spread_ratio': ratio_spread}) == {'low_spread_logs': 0.0, 'collapse': 0.0}
-  calm = ssl_gan.CollapseWatch(fraction=0.1, patience=3)
+  calm = gan.CollapseWatch(fraction=0.1, patience=3)
   assert all(calm(s, {'spread_ratio': ratio_spread})['collapse'] == 0.0 for s in range(6))
   from sslj.errors import UserError
-  stopper = ssl_gan.CollapseWatch(fraction=0.1, patience=1, stop=True)
+  stopper = gan.CollapseWatch(fraction=0.1, patience=1, stop=True)
   with pytest.raises(UserError, match='COLLAPSE'):
     stopper(1, {'spread_ratio': ratio_collapsed})
 

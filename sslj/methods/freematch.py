@@ -36,14 +36,8 @@ models/freematch_entropy, USB semilearn/algorithms/freematch):
   (`ent_loss_ratio`); not followed. USB's `use_quantile` and `clip_thresh`
   options (off by default) are not offered.
 
-As in sslj/methods/fixmatch.py, weight decay reaches the kernels only, as
-USB's does (`optimizer.decay='kernels'`). Departures from the reference
-code, as in sslj/methods/fixmatch.py: the EMA of the weights starts with
-`ema.decay_at`'s short warm-up, and the reported EMA model averages the
-BatchNorm running statistics too, where USB's EMA model (and TorchSSL's)
-normalises with the trained network's own statistics; that model is
-evaluated as `ema_live_stats`. Both were measured on FixMatch only (its
-docstring).
+Weight decay, the EMA's warm-up and its averaged BatchNorm statistics are
+FixMatch's, with their departures and measurements in its docstring.
 
 References: Wang et al. 2023, "FreeMatch: self-adaptive thresholding for
 semi-supervised learning", ICLR (Sec. 3.2-3.3); reference code

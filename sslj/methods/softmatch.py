@@ -38,14 +38,8 @@ TorchSSL's models/softmatch differs from USB: it aligns to the EMA of the
 unaligned probabilities. USB's form is followed (USB's is the released
 SoftMatch code).
 
-As in sslj/methods/fixmatch.py, weight decay reaches the kernels only, as
-USB's does (`optimizer.decay='kernels'`). Departures from the reference
-code, as in sslj/methods/fixmatch.py: the EMA of the weights starts with
-`ema.decay_at`'s short warm-up, and the reported EMA model averages the
-BatchNorm running statistics too, where USB's EMA model (and TorchSSL's)
-normalises with the trained network's own statistics; that model is
-evaluated as `ema_live_stats`. Both were measured on FixMatch only (its
-docstring).
+Weight decay, the EMA's warm-up and its averaged BatchNorm statistics are
+FixMatch's, with their departures and measurements in its docstring.
 
 References: Chen et al. 2023, "SoftMatch: addressing the quantity-quality
 trade-off in semi-supervised learning", ICLR (Sec. 3.2-3.3); reference code

@@ -51,23 +51,14 @@ Departures from the reference code (openai/improved-gan,
     the first half is the discriminator's, the second the generator's
     (`split_unlabeled`). The method contract needs no new field for it; an
     epoch is still a pass of the discriminator's batches over the pool.
-  * The generator's BatchNorm normalises with the batch's statistics in
-    both steps, as in the scripts. Its running statistics are tracked (the
-    generator step's update is kept, the discriminator step's dropped) and
-    the sample grids use them (`train=False`); the scripts never apply the
-    generator's `bn_updates` and draw their samples with batch statistics.
-    This changes the pictures only, not what the discriminator learns.
-    The default discriminator has no BatchNorm (weight normalisation), as
-    in the scripts.
-  * Initialisation: by default the discriminator keeps Flax's initial
-    weights (weight-norm scales 1, zero biases, a LeCun-normal head). Both
-    scripts run weight normalisation's data-dependent initialisation once on
-    500 training images before training (`init_param(trainx[:500])`): every
-    layer's pre-activations made zero-mean and unit-variance per channel,
-    the output layer's deviation 0.1 in the CIFAR script.
-    `--config.ssl_gan.data_init=True` does that on 500 unlabeled images
-    drawn with the run's seed (`dcgan.data_dependent_init`; the head, a
-    plain Dense here, by scaling its kernel).
+  * The generator's running BatchNorm statistics (the generator step's
+    update kept) draw the sample grids; the scripts never apply its
+    `bn_updates` and sample with batch statistics. Pictures only.
+  * Initialisation: by default Flax's (weight-norm scales 1, zero biases).
+    Both scripts first run weight norm's data-dependent initialisation on
+    500 training images (`init_param(trainx[:500])`);
+    `--config.ssl_gan.data_init=True` does it on 500 unlabeled images drawn
+    with the run's seed (`dcgan.data_dependent_init`).
 
 References: Salimans, Goodfellow, Zaremba, Cheung, Radford, Chen. Improved
 Techniques for Training GANs. NeurIPS 2016. Lecouat, Foo, Zenati,
@@ -263,34 +254,6 @@ def predict(state: GanState, images, *, preprocess: network.Preprocess):
                                               'batch_stats': disc.batch_stats}, x, train=False)}
 
 
-class CollapseWatch:
-  """Host-side: warns when the generated batch's spread stays too small.
-
-  `__call__(step, scalars)` is the loop's `on_log` hook: it counts
-  consecutive logs whose `spread_ratio` is under `fraction` and returns
-  `{'low_spread_logs': count, 'collapse': 0 or 1}`; at `patience` logs it
-  logs a warning (and, with `stop`, raises UserError).
-  """
-
-  def __init__(self, fraction: float, patience: int, stop: bool = False):
-    self.fraction, self.patience, self.stop = fraction, patience, stop
-    self.count = 0
-
-  def __call__(self, step: int, scalars: dict) -> dict:
-    ratio = float(scalars['spread_ratio'])
-    self.count = self.count + 1 if ratio < self.fraction else 0
-    collapsed = self.patience > 0 and self.count >= self.patience
-    if collapsed:
-      message = (f'GAN MODE COLLAPSE at step {step}: the generated batch spread has been under '
-                 f'{self.fraction:g} of the real batch spread for {self.count} consecutive logs '
-                 f'(now {ratio:.3f}): the generator makes nearly the same image for every z. Lower '
-                 'the learning rates or restart from an earlier checkpoint.')
-      logging.warning(message)
-      if self.stop:
-        raise UserError(message + ' Stopped (ssl_gan.collapse_stop=True).')
-    return {'low_spread_logs': float(self.count), 'collapse': float(collapsed)}
-
-
 def image_shape(config, data) -> tuple[int, int, int]:
   """(H, W, C) the discriminator sees, which the generator must produce."""
   h, w, c = data.labeled_images.shape[1:]
@@ -419,7 +382,7 @@ def build(config, data, steps: base.Steps) -> base.Method:
       # 'separate': a second half of as many rows, the generator's (split_unlabeled).
       unlabeled_batch=unlabeled * (2 if cfg.generator_batch == 'separate' else 1),
       on_eval=on_eval,
-      on_log=CollapseWatch(cfg.collapse_fraction, cfg.collapse_logs, cfg.collapse_stop))
+      on_log=gan.CollapseWatch(cfg.collapse_fraction, cfg.collapse_logs, cfg.collapse_stop))
 
 
 def reported(state: GanState, config, data) -> base.Reported:

@@ -22,8 +22,11 @@ learning. arXiv:1807.04307, 2018 (the latent-perturbation penalty).
 
 from __future__ import annotations
 
+from absl import logging
 import jax
 import jax.numpy as jnp
+
+from sslj.errors import UserError
 
 
 def log_real_probability(logits: jax.Array) -> jax.Array:
@@ -110,3 +113,31 @@ def batch_spread(images: jax.Array) -> jax.Array:
   samples are.
   """
   return jnp.mean(jnp.std(images.reshape(images.shape[0], -1), axis=0))
+
+
+class CollapseWatch:
+  """Host-side: warns when the generated batch's spread stays too small.
+
+  `__call__(step, scalars)` is the loop's `on_log` hook: it counts
+  consecutive logs whose `spread_ratio` is under `fraction` and returns
+  `{'low_spread_logs': count, 'collapse': 0 or 1}`; at `patience` logs it
+  logs a warning (and, with `stop`, raises UserError).
+  """
+
+  def __init__(self, fraction: float, patience: int, stop: bool = False):
+    self.fraction, self.patience, self.stop = fraction, patience, stop
+    self.count = 0
+
+  def __call__(self, step: int, scalars: dict) -> dict:
+    ratio = float(scalars['spread_ratio'])
+    self.count = self.count + 1 if ratio < self.fraction else 0
+    collapsed = self.patience > 0 and self.count >= self.patience
+    if collapsed:
+      message = (f'GAN MODE COLLAPSE at step {step}: the generated batch spread has been under '
+                 f'{self.fraction:g} of the real batch spread for {self.count} consecutive logs '
+                 f'(now {ratio:.3f}): the generator makes nearly the same image for every z. Lower '
+                 'the learning rates or restart from an earlier checkpoint.')
+      logging.warning(message)
+      if self.stop:
+        raise UserError(message + ' Stopped (ssl_gan.collapse_stop=True).')
+    return {'low_spread_logs': float(self.count), 'collapse': float(collapsed)}
