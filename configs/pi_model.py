@@ -32,7 +32,7 @@ Presets (config string):
     that network (config/classic_cv/pimodel/pimodel_cifar10_4000_0.yaml):
     64 labeled + 64 unlabeled images a step, consistency weight 10 on the
     unlabeled images only with the second pass a constant target, SGD
-    (Nesterov 0.9, lr 0.03, weight decay 5e-4) with the cosine
+    (Nesterov 0.9, lr 0.03, weight decay 5e-4 on the kernels) with the cosine
     cos(7 pi k / 16 K), no input noise and no dropout (the two passes
     differ by flips and 4-pixel translations). The ramp-up and the length
     are the paper's: the Gaussian ramp-up over 80 of 300 epochs (passes
@@ -88,7 +88,8 @@ def get_config(arg=None):
                            rampup_epochs=80.0)                              # the paper
     config.model.dropout_rate = 0.0      # the model's own: none in WRN-28-2
     config.optimizer.update(learning_rate=0.03, momentum=0.9, nesterov=True,
-                            weight_decay=5e-4, schedule='truncated_cosine')
+                            weight_decay=5e-4, schedule='truncated_cosine',
+                            decay='kernels')  # USB's: not BatchNorm or biases
     config.eval_batch_size = 1000
     config.log_every = 1000
     config.eval_every = 10000

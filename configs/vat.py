@@ -30,7 +30,7 @@ Presets (config string):
     labeled + 64 unlabeled images, epsilon 6.0, xi 1e-6, one power
     iteration, weight 1 ramped up linearly over the first 40% of the run,
     entropy minimisation weight 0.06, SGD (Nesterov 0.9, lr 0.03, weight
-    decay 5e-4) with the cosine cos(7 pi k / 16 K). The paper's own
+    decay 5e-4 on the kernels) with the cosine cos(7 pi k / 16 K). The paper's own
     CIFAR-10 setting (ConvLarge, Adam) is 32 labeled + 128 unlabeled,
     epsilon 8.0 with flips and translations (vat_tf's README), entropy
     weight 1 for VAT + EntMin and no warm-up:
@@ -78,7 +78,8 @@ def get_config(arg=None):
     config.vat.entropy_weight = 0.06
     config.vat.warmup_fraction = 0.4
     config.optimizer.update(learning_rate=0.03, momentum=0.9, nesterov=True,
-                            weight_decay=5e-4, schedule='truncated_cosine')
+                            weight_decay=5e-4, schedule='truncated_cosine',
+                            decay='kernels')  # USB's: not BatchNorm or biases
     config.eval_batch_size = 1000
     config.log_every = 1000
     config.eval_every = 10000

@@ -239,5 +239,6 @@ def test_presets_are_in_range_and_cifar10_is_the_codes():
       0.4, 0.8, 1.0, 'none')
   assert (c.optimizer.learning_rate, c.optimizer.weight_decay, c.optimizer.schedule) == (
       0.03, 5e-4, 'truncated_cosine')
+  assert c.optimizer.decay == 'all'   # the code's L2 term covers every trainable variable
   f = config_of('uda', 'dataset=fashion_mnist,labels_per_class=10')
   assert (f.batch_size, f.uda.mu, f.num_steps) == (8, 7, 3000)  # FixMatch's preset

@@ -65,9 +65,12 @@ Choices, each stated against the paper and the two reference codes:
   normalisation (SVHN), and the library's BatchNorm models replace its
   mean-only BatchNorm with weight normalisation. The paper's optimiser
   (Adam with its ramps of the learning rate and beta1) is replaced by the
-  library's (`config.optimizer`). The reported model is the trained
-  network, as in the paper's code; USB evaluates an EMA of the weights
-  (0.999) for every algorithm. None of these measured.
+  library's (`config.optimizer`); the paper's code has no weight decay.
+  The cifar10 preset takes USB's SGD recipe, whose weight decay skips
+  BatchNorm parameters and biases (`decay='kernels'`); the small presets
+  keep the library's SGD, which decays every parameter. The reported model
+  is the trained network, as in the paper's code; USB evaluates an EMA of
+  the weights (0.999) for every algorithm. None of these measured.
 
 References: Laine & Aila 2017, "Temporal ensembling for semi-supervised
 learning", ICLR (Sec. 2.1, the Pi-model); reference code

@@ -60,8 +60,10 @@ Choices and departures, against the paper and the reference code
   it matters in the first ~1,000 steps only).
 * Weight decay: the code adds 5e-4 * sum of `tf.nn.l2_loss` over every
   trainable variable, i.e. 5e-4 * w in every gradient, which is the
-  library's SGD weight decay; Nesterov momentum 0.9 and the code's
-  lr * cos(7 pi t / 16) (`truncated_cosine`) with no warm-up.
+  library's SGD weight decay on every parameter (`decay='all'`; USB's
+  version skips BatchNorm parameters and biases); Nesterov momentum 0.9
+  and the code's lr * cos(7 pi t / 16) (`truncated_cosine`) with no
+  warm-up.
 * Not implemented: the code's entropy-minimisation term (`ent_min_coeff`,
   0 by default).
 * Network (cifar10 preset): the library's WRN-28-2 of the FixMatch /

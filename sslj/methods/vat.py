@@ -47,7 +47,10 @@ Departures, each against the reference code:
   EMA of the weights (`ema_m` 0.999) for every algorithm. Not measured.
 * The optimiser is the library's (`config.optimizer`): vat_tf trains
   ConvLarge with Adam (lr 0.001, beta1 0.9 -> 0.5 and a linear decay at
-  the end); the cifar10 preset uses USB's SGD recipe for WRN-28-2.
+  the end) and no weight decay; the cifar10 preset uses USB's SGD recipe
+  for WRN-28-2, weight decay on kernels only as USB (`decay='kernels'`),
+  and the small presets the library's SGD, which decays every parameter
+  (not measured).
 * float32 and xi = 1e-6, measured: a perturbation of norm 1e-6 spread over
   every pixel is below float32's spacing for many normalised pixel values,
   so x + xi d partly rounds back to x. On a digits batch of 64 (the small
