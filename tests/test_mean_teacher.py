@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import config_of, tiny_config
 from sslj import train
 from sslj.errors import UserError
 from sslj.methods import mean_teacher
@@ -151,6 +151,13 @@ def test_cifar10_preset_trains_convlarge_with_input_noise(data_dir):
   assert config.model.name == 'convlarge' and config.augment.noise_std == 0.15
   new, metrics = jax.jit(method.train_step)(state, batch, jax.random.key(1))
   assert np.isfinite(float(metrics['loss'])) and int(new.step) == 1
+
+
+def test_fashion_mnist_preset_has_the_papers_noise_and_digits_has_none():
+  fashion = config_of('mean_teacher', 'dataset=fashion_mnist,labels_per_class=10')
+  assert (fashion.augment.noise_std, fashion.model.dropout_rate) == (0.15, 0.5)
+  digits = config_of('mean_teacher')
+  assert (digits.augment.noise_std, digits.model.dropout_rate) == (0.0, 0.0)
 
 
 def _numpy_weight(steps, steps_per_epoch, rampup_epochs, weight, floor):
