@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import config_of, tiny_config
 from sslj import train
 from sslj.errors import UserError
 from sslj.methods import pseudo_label
@@ -166,3 +166,10 @@ def test_tiny_run_writes_results(tmp_path, data_dir):
   # 3 * 4 / 163 after 4 steps (logged with the step's metrics, before it ran: 3/163).
   logged = [l['train/unlabeled_weight'] for l in lines if 'train/unlabeled_weight' in l]
   np.testing.assert_allclose(logged[-1], 3.0 * 3 / 163, rtol=1e-5)
+
+
+def test_fashion_mnist_preset_ramps_in_the_papers_proportions():
+  fashion = config_of('pseudo_label', 'dataset=fashion_mnist,labels_per_class=10')
+  pl = fashion.pseudo_label
+  assert (pl.t1, pl.t2, fashion.num_steps) == (250.0, 1500.0, 4000)
+  assert pl.t2 / pl.t1 == 600 / 100 and pl.bn_passes == 'separate'
