@@ -87,9 +87,7 @@ def get_config(arg=None):
                            consistency_on='unlabeled', stop_gradient=True,
                            rampup_epochs=80.0)                              # the paper
     config.model.dropout_rate = 0.0      # the model's own: none in WRN-28-2
-    config.optimizer.update(learning_rate=0.03, momentum=0.9, nesterov=True,
-                            weight_decay=5e-4, schedule='truncated_cosine',
-                            decay='kernels')  # USB's: not BatchNorm or biases
+    config.optimizer.update(**configlib.USB_SGD)
     config.eval_batch_size = 1000
     config.log_every = 1000
     config.eval_every = 10000

@@ -77,9 +77,7 @@ def get_config(arg=None):
     config.vat.epsilon = 6.0
     config.vat.entropy_weight = 0.06
     config.vat.warmup_fraction = 0.4
-    config.optimizer.update(learning_rate=0.03, momentum=0.9, nesterov=True,
-                            weight_decay=5e-4, schedule='truncated_cosine',
-                            decay='kernels')  # USB's: not BatchNorm or biases
+    config.optimizer.update(**configlib.USB_SGD)
     config.eval_batch_size = 1000
     config.log_every = 1000
     config.eval_every = 10000

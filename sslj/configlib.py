@@ -23,6 +23,12 @@ COMMON_ARGS = {'dataset': 'digits', 'labels_per_class': 'all', 'model': 'small_c
 # `dataset_models` of the configs whose presets follow that code.
 WRN_BENCHMARK_MODELS = {'cifar10': 'wrn28_2', 'stl10': 'wrn37_2'}
 
+# USB's SGD recipe for its classic CV algorithms on WRN-28-2 (config/classic_cv/
+# <algorithm>/*_cifar10_*.yaml): Nesterov momentum 0.9 at lr 0.03, weight decay
+# 5e-4 that skips BatchNorm parameters and biases, cos(7 pi k / 16 K).
+USB_SGD = dict(learning_rate=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4,
+               schedule='truncated_cosine', decay='kernels')
+
 
 def parse_arg(arg: str | None, dataset_models: dict | None = None,
               **extra_defaults) -> ml_collections.ConfigDict:
