@@ -92,6 +92,36 @@ def test_assign_matches_brute_force():
   np.testing.assert_allclose(np.asarray(dist), d2.min(1), rtol=1e-4, atol=1e-4)
 
 
+def test_blocked_argmin_is_the_first_argmin_under_jit():
+  # Integer scores: most rows tie between several centroids, and the first
+  # index must win, as np.argmin's; the blocks see k / 16 = 16 and 20 scores.
+  rng = np.random.default_rng(11)
+  for k in (256, 320):
+    scores = rng.integers(0, 4, size=(96, k)).astype(np.float32)
+    scores[5] = 7.0  # a row that is one long tie
+    best, labels = jax.jit(km._blocked_argmin, static_argnums=1)(scores, 16)
+    np.testing.assert_array_equal(np.asarray(labels), scores.argmin(1))
+    np.testing.assert_array_equal(np.asarray(best), scores.min(1))
+    ref_best, ref_labels = jax.jit(km._first_argmin)(scores)
+    np.testing.assert_array_equal(np.asarray(labels), np.asarray(ref_labels))
+    np.testing.assert_array_equal(np.asarray(best), np.asarray(ref_best))
+
+
+@pytest.mark.parametrize('k', [256, 320])
+def test_assign_with_many_centroids_matches_brute_force(k):
+  rng = np.random.default_rng(k)
+  x = rng.normal(size=(700, 6)).astype(np.float32)
+  centroids = rng.normal(size=(k, 6)).astype(np.float32)
+  # Copies of centroid 3 late in other blocks, and points on it: exact ties.
+  centroids[k // 2 + 1] = centroids[k - 1] = centroids[3]
+  x[:40] = centroids[3]
+  labels, dist = km.assign(x, centroids, chunk_size=128)
+  d2 = ((x[:, None, :].astype(np.float64) - centroids[None]) ** 2).sum(-1)
+  np.testing.assert_array_equal(np.asarray(labels), d2.argmin(1))
+  assert (np.asarray(labels)[:40] == 3).all()
+  np.testing.assert_allclose(np.asarray(dist), d2.min(1), rtol=1e-4, atol=1e-4)
+
+
 def test_empty_cluster_is_split_like_faiss():
   x = _blobs(n=600, centres=3)
   init = np.concatenate([_rows(x, 3, seed=6), np.full((1, 6), 1e3, np.float32)])
