@@ -15,8 +15,8 @@ draws `flexmatch.mu` * B unlabeled images. The paper's recipe (its CIFAR-10
 settings, and TorchSSL's/USB's configs) is the default: tau 0.95 with the
 threshold warm-up and the convex mapping x / (2 - x), lambda 1, hard
 pseudo-labels, SGD Nesterov 0.9 at lr 0.03 with weight decay 5e-4 and
-FixMatch's cosine, EMA 0.999, RandAugment (2 ops) + Cutout as the strong
-augmentation.
+FixMatch's cosine, EMA 0.999, RandAugment (3 ops) + Cutout as the strong
+augmentation, as TorchSSL and USB draw them.
 
 Presets (config string):
   configs/flexmatch.py:dataset=fashion_mnist,labels_per_class=10
@@ -51,8 +51,10 @@ def get_config(arg=None):
       threshold_warmup=True,      # beta_c also divided by the unused images' count
       unlabeled_weight=1.0,       # lambda_u
       ema_decay=0.999,            # the reported model's parameter average
-      # The strong view: RandAugment + Cutout (sslj.data.randaugment.strong_view_fields).
-      **randaugment.strong_view_fields(),
+      # The strong view: RandAugment + Cutout (sslj.data.randaugment.strong_view_fields),
+      # as TorchSSL's and USB's `RandAugment(3, 5)`: 3 ops at uniform magnitudes,
+      # geometric ops filling black, then grey Cutout of a side up to half.
+      **randaugment.strong_view_fields(randaugment_num_ops=3, randaugment_fill=0.0),
   )
 
   if args.dataset == 'fashion_mnist':

@@ -15,7 +15,8 @@ draws `freematch.mu` * B unlabeled images. The paper's recipe is the
 default: the thresholds' EMA momentum 0.999 from tau_0 = 1/K, w_u = 1, the
 fairness loss at w_f = 0.01 (TorchSSL's CIFAR-10 configs; USB's use 0.001),
 hard pseudo-labels, SGD Nesterov 0.9 at lr 0.03 with weight decay 5e-4 and
-FixMatch's cosine, EMA 0.999, RandAugment (2 ops) + Cutout.
+FixMatch's cosine, EMA 0.999, RandAugment (3 ops) + Cutout as TorchSSL and
+USB draw them.
 
 Presets (config string):
   configs/freematch.py:dataset=fashion_mnist,labels_per_class=10
@@ -50,8 +51,10 @@ def get_config(arg=None):
       unlabeled_weight=1.0,       # w_u
       fairness_weight=0.01,       # w_f
       ema_decay=0.999,            # the reported model's parameter average
-      # The strong view: RandAugment + Cutout (sslj.data.randaugment.strong_view_fields).
-      **randaugment.strong_view_fields(),
+      # The strong view: RandAugment + Cutout (sslj.data.randaugment.strong_view_fields),
+      # as TorchSSL's and USB's `RandAugment(3, 5)`: 3 ops at uniform magnitudes,
+      # geometric ops filling black, then grey Cutout of a side up to half.
+      **randaugment.strong_view_fields(randaugment_num_ops=3, randaugment_fill=0.0),
   )
 
   if args.dataset == 'fashion_mnist':

@@ -16,7 +16,7 @@ settings and USB's configs) is the default: uniform alignment, the
 Gaussian's EMA momentum 0.999 from mu_0 = 1/K and sigma_0^2 = 1, n_sigma 2,
 lambda_max = lambda_u = 1, hard pseudo-labels, SGD Nesterov 0.9 at lr 0.03
 with weight decay 5e-4 and FixMatch's cosine, EMA 0.999, RandAugment
-(2 ops) + Cutout.
+(3 ops) + Cutout as TorchSSL and USB draw them.
 
 Presets (config string):
   configs/softmatch.py:dataset=fashion_mnist,labels_per_class=10
@@ -52,8 +52,10 @@ def get_config(arg=None):
       n_sigma=2.0,                # the Gaussian's variance is divided by n_sigma^2
       unlabeled_weight=1.0,       # lambda_u (lambda_max is 1)
       ema_decay=0.999,            # the reported model's parameter average
-      # The strong view: RandAugment + Cutout (sslj.data.randaugment.strong_view_fields).
-      **randaugment.strong_view_fields(),
+      # The strong view: RandAugment + Cutout (sslj.data.randaugment.strong_view_fields),
+      # as TorchSSL's and USB's `RandAugment(3, 5)`: 3 ops at uniform magnitudes,
+      # geometric ops filling black, then grey Cutout of a side up to half.
+      **randaugment.strong_view_fields(randaugment_num_ops=3, randaugment_fill=0.0),
   )
 
   if args.dataset == 'fashion_mnist':

@@ -65,9 +65,9 @@ google-research/fixmatch's RandAugment does; CTAugment and kekmodel fill
 black (so do TorchSSL's and USB's rotate, shear and translate, PIL's default,
 while their Cutout is grey), which gave 75.32 against 75.12 (level; grey
 kept). The FixMatch family built on this module (FlexMatch, FreeMatch,
-SoftMatch) draws the paper's way, as TorchSSL's and USB's `RandAugment(3, 5)`
-does (every op applied, continuous magnitudes, Cutout of a side uniform in
-[0, 0.5]), but with 2 ops where those codes apply 3 (each module's docstring).
+SoftMatch) draws as its reference codes do, TorchSSL's and USB's
+`RandAugment(3, 5)`: the paper's way, but 3 ops and geometric ops filling
+black (each module's docstring).
 
 References: Sohn et al. 2020, "FixMatch: simplifying semi-supervised learning
 with consistency and confidence" (Algorithm 1, Eq. 4, Table 12).
