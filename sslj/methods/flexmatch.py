@@ -44,18 +44,11 @@ Departures from the reference code:
   trained network's own statistics; that model is evaluated as
   `ema_live_stats`. Measured on FixMatch only (its docstring); the others
   here were not measured against the reference code.
-The strong view is TorchSSL's and USB's `RandAugment(3, 5)`
-(semilearn/datasets/augmentation/randaugment.py): 3 ops drawn from the 14 of
-FixMatch's Table 12, each applied at a magnitude uniform over its range,
-rotate, shear and translate filling black (PIL's default), then a grey
-Cutout of a side uniform in [0, 0.5] (configs/flexmatch.py). FixMatch's own
-view, 2 ops filling grey (`--config.flexmatch.randaugment_num_ops=2
---config.flexmatch.randaugment_fill=0.5`, the default before), gave 76.80
-against 77.34 for theirs on FreeMatch (Fashion-MNIST, 10 labels per class,
-3,000 steps, seed 0; the A/B table in docs/results.md): not ahead, so by
-the table's rule (the reference code's setting unless ours is ahead on
-every one of three seeds) theirs is the default of FlexMatch, FreeMatch and
-SoftMatch, whose reference codes these are.
+
+The strong view is its reference codes' own, TorchSSL's and USB's
+`RandAugment(3, 5)`: 3 ops where FixMatch applies 2, geometric ops filling
+black (configs/flexmatch.py). Measured on FreeMatch, where FixMatch's view was
+not ahead (sslj/methods/freematch.py).
 
 Weight decay reaches the kernels only, as TorchSSL's and USB's does
 (`optimizer.decay='kernels'`).

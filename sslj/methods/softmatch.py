@@ -38,18 +38,10 @@ TorchSSL's models/softmatch differs from USB: it aligns to the EMA of the
 unaligned probabilities. USB's form is followed (USB's is the released
 SoftMatch code).
 
-The strong view is TorchSSL's and USB's `RandAugment(3, 5)`
-(semilearn/datasets/augmentation/randaugment.py): 3 ops drawn from the 14 of
-FixMatch's Table 12, each applied at a magnitude uniform over its range,
-rotate, shear and translate filling black (PIL's default), then a grey
-Cutout of a side uniform in [0, 0.5] (configs/softmatch.py). FixMatch's own
-view, 2 ops filling grey (`--config.softmatch.randaugment_num_ops=2
---config.softmatch.randaugment_fill=0.5`, the default before), gave 76.80
-against 77.34 for theirs on FreeMatch (Fashion-MNIST, 10 labels per class,
-3,000 steps, seed 0; the A/B table in docs/results.md): not ahead, so by
-the table's rule (the reference code's setting unless ours is ahead on
-every one of three seeds) theirs is the default of FlexMatch, FreeMatch and
-SoftMatch, whose reference codes these are.
+The strong view is its reference codes' own, TorchSSL's and USB's
+`RandAugment(3, 5)`: 3 ops where FixMatch applies 2, geometric ops filling
+black (configs/softmatch.py). Measured on FreeMatch, where FixMatch's view was
+not ahead (sslj/methods/freematch.py).
 
 Weight decay, the EMA's warm-up and its averaged BatchNorm statistics are
 FixMatch's, with their departures and measurements in its docstring.
