@@ -52,9 +52,8 @@ def get_config(arg=None):
       fairness_weight=0.01,       # w_f
       ema_decay=0.999,            # the reported model's parameter average
       # The strong view: RandAugment + Cutout (sslj.data.randaugment.strong_view_fields),
-      # as TorchSSL's and USB's `RandAugment(3, 5)`: 3 ops at uniform magnitudes,
-      # geometric ops filling black, then grey Cutout of a side up to half.
-      **randaugment.strong_view_fields(randaugment_num_ops=3, randaugment_fill=0.0),
+      # as TorchSSL's and USB's `RandAugment(3, 5)` draw it.
+      **randaugment.strong_view_fields(**randaugment.TORCHSSL_USB_VIEW),
   )
 
   if args.dataset == 'fashion_mnist':

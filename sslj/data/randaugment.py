@@ -219,6 +219,12 @@ class Options(NamedTuple):
 CUTOUT_MODES = ('uniform', 'fixed')
 
 
+# TorchSSL's and USB's `RandAugment(3, 5)` as overrides of `strong_view_fields`:
+# 3 ops, and rotate, shear and translate filling black (PIL's default); their
+# draw and Cutout are the defaults'.
+TORCHSSL_USB_VIEW = dict(randaugment_num_ops=3, randaugment_fill=0.0)
+
+
 def strong_view_fields(**overrides) -> dict:
   """The config fields of a strong view, for a method's config section.
 

@@ -146,8 +146,8 @@ def make_optimizer_with_plain_sgd(cfg, num_steps: int, param_names,
   """
   plain_cfg = cfg.copy_and_resolve_references()
   plain_cfg.momentum, plain_cfg.nesterov = 0.0, False
-  # Labels as a tree, not a function: optax.tree_map_params calls `init` with a
-  # placeholder in place of the parameters, which a function could not read.
+  # Labels as a tree, not a function: optax.tree_map_params calls `init` with
+  # stand-in values instead of the parameters, which a function could not read.
   return optax.multi_transform(
       {'momentum': make_optimizer(cfg, num_steps), 'plain': make_optimizer(plain_cfg, num_steps)},
       {name: 'plain' if name in plain else 'momentum' for name in param_names})
