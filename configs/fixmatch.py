@@ -45,14 +45,9 @@ from sslj.data import randaugment
 def get_config(arg=None):
   args = configlib.parse_arg(arg, configlib.WRN_BENCHMARK_MODELS, labels_per_class='5')
   config = configlib.base_config('fixmatch', args)
-  config.num_steps = 3000
-  config.batch_size = 16        # labeled images per step (the paper's B)
-  config.log_every = 100
-  config.eval_every = 500
-  config.checkpoint_every = 500
-  config.optimizer.update(learning_rate=0.03, momentum=0.9, nesterov=True,
-                          weight_decay=5e-4, schedule='fixmatch_cosine',
-                          decay='kernels')  # the reference code's: kernels only, not BN/biases
+  # batch_size: the labeled images per step (the paper's B).
+  configlib.fixmatch_budget(config, args, large=args.dataset in ('cifar10', 'stl10')
+                            or args.dataset.startswith('image_folder'))
 
   config.fixmatch = dict(
       mu=7,                       # unlabeled images per labeled image
@@ -67,19 +62,5 @@ def get_config(arg=None):
       **randaugment.strong_view_fields(),
   )
 
-  if args.dataset == 'fashion_mnist':
-    config.num_steps = 3000
-    config.batch_size = 8
-    config.eval_batch_size = 1000
-    config.eval_every = 500
-    config.checkpoint_every = 1000
-
-  if args.dataset in ('cifar10', 'stl10') or args.dataset.startswith('image_folder'):
-    config.batch_size = 64
-    config.num_steps = 1 << 20
-    config.eval_batch_size = 1000
-    config.log_every = 1000
-    config.eval_every = 10000
-    config.checkpoint_every = 10000
   config.lock()
   return config
