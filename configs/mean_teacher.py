@@ -41,6 +41,7 @@ Results: docs/results.md; recipe and departures: docs/methods/mean_teacher.md.
 from ml_collections import config_dict
 
 from sslj import configlib
+from sslj.data import randaugment
 
 
 def get_config(arg=None):
@@ -69,6 +70,12 @@ def get_config(arg=None):
       # The consistency ramp-up's epoch: 'step' = fractional, moving every step
       # (the TensorFlow code); 'epoch' = whole epochs (the PyTorch code).
       rampup_granularity='step',
+      # The student's view of the unlabeled images: 'weak' (the paper: the
+      # same augmentation as the teacher's, drawn independently) or 'strong'
+      # (the weak view, then RandAugment + Cutout with the fields below, as
+      # FixMatch's strong view; a departure, sslj/methods/mean_teacher.py).
+      student_view='weak',
+      **randaugment.strong_view_fields(),
   )
 
   if args.dataset == 'fashion_mnist':

@@ -209,3 +209,52 @@ def test_the_train_step_ramps_per_epoch_when_asked(data_dir):
                                        'mean_teacher.rampup_granularity': 'epochs'})
   with pytest.raises(UserError, match="rampup_granularity='epochs' is unknown; use 'step'"):
     mean_teacher.METHOD.make(bad, train.load_data(bad))
+
+
+def test_a_strong_student_view_changes_only_the_students_unlabeled_images(data_dir):
+  overrides = {'mean_teacher.student_view': 'strong', 'augment.noise_std': 0.15}
+  config, method, state, batch = _built(data_dir, **overrides)
+  kw = method.train_step.keywords
+  preprocess, strong = kw['preprocess'], kw['strong']
+  assert strong is not None
+  key = jax.random.key(7)
+  x = jax.jit(lambda k: mean_teacher._strong_student_view(batch, k, preprocess, strong))(key)
+  k_labeled, k_strong = jax.random.split(key)
+  n = len(batch['labeled_images'])
+  # The labeled images: the weak view with its noise, as without the option.
+  np.testing.assert_allclose(x[:n], preprocess.train(batch['labeled_images'], k_labeled),
+                             rtol=1e-6, atol=1e-6)
+  # The unlabeled ones: the strong view plus the same input noise (its residual
+  # is standard normal noise times noise_std).
+  views = strong(batch['unlabeled_images'], k_strong)
+  residual = np.asarray(x[n:] - views) / 0.15
+  assert abs(residual.mean()) < 0.05 and abs(residual.std() - 1.0) < 0.05
+  weak = preprocess.train(batch['unlabeled_images'], k_strong)
+  assert float(jnp.abs(views - weak).mean()) > 0.05
+  new, metrics = jax.jit(method.train_step)(state, batch, jax.random.key(5))
+  assert np.isfinite(float(metrics['loss'])) and int(new.step) == 1
+  # The default has no strong augmentation at all.
+  _, default, _, _ = _built(data_dir)
+  assert default.train_step.keywords['strong'] is None
+  bad = tiny_config('mean_teacher', **{'data.data_dir': data_dir,
+                                       'mean_teacher.labeled_batch_size': 4,
+                                       'mean_teacher.student_view': 'randaugment'})
+  with pytest.raises(UserError, match="student_view='randaugment' is unknown; use 'weak'"):
+    mean_teacher.METHOD.make(bad, train.load_data(bad))
+
+
+def test_a_mean_teacher_run_recorded_before_the_student_view_resumes(tmp_path):
+  """Older runs' config.json lack the strong-view fields; they read as the weak view."""
+  import json
+  from sslj import run_files
+  recorded = json.loads(tiny_config('mean_teacher').to_json_best_effort())
+  for key in [k for k in recorded['mean_teacher']
+              if k == 'student_view' or k.startswith(('randaugment_', 'cutout'))]:
+    del recorded['mean_teacher'][key]
+  workdir = tmp_path / 'old'
+  workdir.mkdir()
+  run_files.atomic_write_json(str(workdir / 'config.json'), recorded)
+  run_files.check_recorded(str(workdir), tiny_config('mean_teacher'))
+  with pytest.raises(UserError, match="mean_teacher.student_view: 'weak' there, 'strong' now"):
+    run_files.check_recorded(str(workdir),
+                             tiny_config('mean_teacher', **{'mean_teacher.student_view': 'strong'}))
