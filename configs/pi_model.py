@@ -57,6 +57,9 @@ from sslj import configlib
 def get_config(arg=None):
   args = configlib.parse_arg(arg, configlib.WRN_BENCHMARK_MODELS, labels_per_class='5')
   config = configlib.base_config('pi_model', args)
+  # USB's weight decay, which skips BatchNorm parameters and biases (the authors'
+  # Adam has none): level with decay on every parameter on Fashion-MNIST.
+  config.optimizer.decay = 'kernels'
   config.num_steps = 1500
   config.batch_size = 64
   config.log_every = 100

@@ -46,6 +46,9 @@ from sslj import configlib
 def get_config(arg=None):
   args = configlib.parse_arg(arg, configlib.WRN_BENCHMARK_MODELS, labels_per_class='5')
   config = configlib.base_config('vat', args)
+  # USB's weight decay, which skips BatchNorm parameters and biases (the authors'
+  # Adam has none): level with decay on every parameter on Fashion-MNIST.
+  config.optimizer.decay = 'kernels'
   config.num_steps = 3000
   config.batch_size = 16          # labeled images per step
   config.log_every = 100

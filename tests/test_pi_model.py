@@ -172,5 +172,7 @@ def test_presets_follow_the_references():
           cifar.pi_model.stop_gradient) == (128, 64, 10.0, 'unlabeled', True)  # USB
   assert (cifar.optimizer.learning_rate, cifar.optimizer.weight_decay,
           cifar.optimizer.schedule, cifar.augment.noise_std) == (0.03, 5e-4, 'truncated_cosine', 0.0)
-  assert cifar.optimizer.decay == 'kernels'   # USB's optimiser skips BatchNorm and biases
+  # USB's optimiser skips BatchNorm and biases, on every preset.
+  assert (config_of('pi_model').optimizer.decay == fashion.optimizer.decay
+          == cifar.optimizer.decay == 'kernels')
   assert config_of('pi_model', 'dataset=cifar10,model=convlarge').model.name == 'convlarge'

@@ -341,4 +341,5 @@ def test_presets_follow_the_references():
   assert (cifar.batch_size, cifar.vat.mu, cifar.vat.epsilon, cifar.vat.xi) == (64, 1, 6.0, 1e-6)
   assert (cifar.vat.entropy_weight, cifar.vat.warmup_fraction) == (0.06, 0.4)
   assert cifar.optimizer.schedule == 'truncated_cosine' and cifar.optimizer.learning_rate == 0.03
-  assert cifar.optimizer.decay == 'kernels'   # USB's optimiser skips BatchNorm and biases
+  # USB's optimiser skips BatchNorm and biases, on every preset.
+  assert digits.optimizer.decay == fashion.optimizer.decay == cifar.optimizer.decay == 'kernels'
