@@ -70,8 +70,9 @@ Choices, each stated against the paper and the two reference codes:
   skips BatchNorm parameters and biases as USB's (`decay='kernels'`). On
   Fashion-MNIST with 10 labels per class decay on every parameter, the
   small presets' earlier setting, reached 73.83, 71.79 and 72.69 on seeds
-  0, 1, 2 against 73.94, 72.16 and 72.81 on the kernels only (ahead on every seed), so USB's
-  setting is the default (docs/results.md, the A/B table). The reported
+  0, 1, 2 against 73.94, 72.16 and 72.81 on the kernels only (behind on
+  every seed), so USB's setting is the default (docs/results.md, the A/B
+  table). The reported
   model is the trained network, as in the paper's code; USB evaluates an
   EMA of the weights (0.999) for every algorithm. Neither that nor the
   inputs and network above are measured.
