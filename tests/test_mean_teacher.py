@@ -88,6 +88,15 @@ def _built(data_dir, arg='', **overrides):
   return config, method, state, batch
 
 
+def _assert_refused(data_dir, field, value, match):
+  """Building Mean Teacher with `mean_teacher.<field>=value` is one UserError matching `match`."""
+  config = tiny_config('mean_teacher', **{'data.data_dir': data_dir,
+                                          'mean_teacher.labeled_batch_size': 4,
+                                          f'mean_teacher.{field}': value})
+  with pytest.raises(UserError, match=match):
+    mean_teacher.METHOD.make(config, train.load_data(config))
+
+
 def test_no_gradient_flows_into_the_teacher(data_dir):
   config, method, state, batch = _built(data_dir)
   step = method.train_step.func
@@ -134,11 +143,7 @@ def test_class_loss_over_the_batch_is_the_reference_codes_normalisation(data_dir
                              float(losses['labeled']['class_loss']) * labeled / total, rtol=1e-6)
   np.testing.assert_array_equal(float(losses['batch']['consistency_loss']),
                                 float(losses['labeled']['consistency_loss']))
-  config = tiny_config('mean_teacher', **{'data.data_dir': data_dir,
-                                          'mean_teacher.labeled_batch_size': 4,
-                                          'mean_teacher.class_loss_over': 'all'})
-  with pytest.raises(UserError, match='class_loss_over'):
-    mean_teacher.METHOD.make(config, train.load_data(config))
+  _assert_refused(data_dir, 'class_loss_over', 'all', 'class_loss_over')
 
 
 def test_cifar10_preset_trains_convlarge_with_input_noise(data_dir):
@@ -204,11 +209,8 @@ def test_the_train_step_ramps_per_epoch_when_asked(data_dir):
                              rtol=1e-6)
   np.testing.assert_allclose(got['step'], _numpy_weight(chosen, spe, 3.0, w, floor=False),
                              rtol=1e-6)
-  bad = tiny_config('mean_teacher', **{'data.data_dir': data_dir,
-                                       'mean_teacher.labeled_batch_size': 4,
-                                       'mean_teacher.rampup_granularity': 'epochs'})
-  with pytest.raises(UserError, match="rampup_granularity='epochs' is unknown; use 'step'"):
-    mean_teacher.METHOD.make(bad, train.load_data(bad))
+  _assert_refused(data_dir, 'rampup_granularity', 'epochs',
+                  "rampup_granularity='epochs' is unknown; use 'step'")
 
 
 def test_a_strong_student_view_changes_only_the_students_unlabeled_images(data_dir):
@@ -236,11 +238,8 @@ def test_a_strong_student_view_changes_only_the_students_unlabeled_images(data_d
   # The default has no strong augmentation at all.
   _, default, _, _ = _built(data_dir)
   assert default.train_step.keywords['strong'] is None
-  bad = tiny_config('mean_teacher', **{'data.data_dir': data_dir,
-                                       'mean_teacher.labeled_batch_size': 4,
-                                       'mean_teacher.student_view': 'randaugment'})
-  with pytest.raises(UserError, match="student_view='randaugment' is unknown; use 'weak'"):
-    mean_teacher.METHOD.make(bad, train.load_data(bad))
+  _assert_refused(data_dir, 'student_view', 'randaugment',
+                  "student_view='randaugment' is unknown; use 'weak'")
 
 
 def test_a_mean_teacher_run_recorded_before_the_student_view_resumes(tmp_path):
