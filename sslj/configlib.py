@@ -37,9 +37,9 @@ def fixmatch_budget(config: ml_collections.ConfigDict, args: ml_collections.Conf
   `batch_size` is the labeled images per step (the paper's B; each step also
   draws mu * B unlabeled ones): 3,000 steps of 16 on digits, 3,000 of 8 on
   `fashion_mnist`, and with `large` (the benchmark datasets) the paper's 2^20
-  of 64. The SGD is
-  USB_SGD's numbers under the schedule name `fixmatch_cosine` (registered by
-  sslj/methods/fixmatch.py), the name these configs have always recorded.
+  of 64. The SGD is USB_SGD's numbers under the schedule name
+  `fixmatch_cosine` (registered by sslj/methods/fixmatch.py), the name these
+  configs have always recorded.
   """
   config.num_steps = 3000
   config.batch_size = 16

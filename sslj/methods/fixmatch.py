@@ -221,8 +221,13 @@ PICTURE_IMAGES, PICTURE_VIEWS = 6, 7
 
 
 def strong_augment(config, data, name: str = 'fixmatch') -> StrongAugment:
-  """The strong augmentation that `config.<name>`'s RandAugment fields ask for."""
+  """The strong augmentation that `config.<name>`'s RandAugment fields ask for.
+
+  Raises:
+    UserError: an unknown op or option (`randaugment.check_options`).
+  """
   fm = config[name]
+  randaugment.check_options(tuple(fm.randaugment_ops), fm.cutout, randaugment.options_from(fm))
   return StrongAugment(augment.AugmentSpec.from_config(config.augment), data.mean, data.std,
                        num_ops=fm.randaugment_num_ops, cutout=fm.cutout,
                        ops=tuple(fm.randaugment_ops), options=randaugment.options_from(fm))
@@ -287,7 +292,6 @@ def build_with_mask(config, data, steps: base.Steps, *, name: str,
   if spec.out_size:
     raise UserError(f'{name} does not support augment.out_size; resize the data instead.')
   preprocess = network.Preprocess(spec, data.mean, data.std)
-  randaugment.check_options(tuple(fm.randaugment_ops), fm.cutout, randaugment.options_from(fm))
   strong = strong_augment(config, data, name)
   tx = optim.make_optimizer(config.optimizer, steps.total)
   average = ema.parameter_ema(fm.ema_decay)

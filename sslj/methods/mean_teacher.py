@@ -125,10 +125,7 @@ def _strong_student_view(batch, key, preprocess: network.Preprocess,
   The strong views get the same Gaussian input noise as the weak ones.
   """
   k_labeled, k_strong = jax.random.split(key)
-  unlabeled = strong(batch['unlabeled_images'], k_strong)
-  if preprocess.spec.noise_std > 0:
-    noise = jax.random.normal(jax.random.fold_in(k_strong, 1), unlabeled.shape, unlabeled.dtype)
-    unlabeled = unlabeled + preprocess.spec.noise_std * noise
+  unlabeled = preprocess.add_noise(strong(batch['unlabeled_images'], k_strong), k_strong)
   return jnp.concatenate([preprocess.train(batch['labeled_images'], k_labeled), unlabeled])
 
 
@@ -229,7 +226,6 @@ def build(config, data, steps: base.Steps) -> base.Method:
                     "Cutout on the student's unlabeled images).")
   strong = None
   if student_view == 'strong':
-    randaugment.check_options(tuple(mt.randaugment_ops), mt.cutout, randaugment.options_from(mt))
     strong = fixmatch.strong_augment(config, data, 'mean_teacher')
   labeled, unlabeled = batch_split(config)
   epoch_steps = steps.per_epoch

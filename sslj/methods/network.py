@@ -99,9 +99,15 @@ class Preprocess:
 
   def train(self, images, key):
     x = augment.normalize(augment.augment_batch(images, key, self.spec), self.mean, self.std)
+    return self.add_noise(x, key)
+
+  def add_noise(self, x, key):
+    """`x` plus Gaussian noise of std `spec.noise_std` (none when it is 0).
+
+    The noise key is derived from, not split off, `key`: the augmentation
+    draws made with `key` stay the same whether or not noise is on.
+    """
     if self.spec.noise_std > 0:
-      # A key derived from, not split off, `key`: the augmentation draws stay
-      # the same whether or not noise is on.
       noise = jax.random.normal(jax.random.fold_in(key, 1), x.shape, x.dtype)
       x = x + self.spec.noise_std * noise
     return x
