@@ -37,9 +37,9 @@ def fixmatch_budget(config: ml_collections.ConfigDict, args: ml_collections.Conf
   `batch_size` is the labeled images per step (the paper's B; each step also
   draws mu * B unlabeled ones): 3,000 steps of 16 on digits, 3,000 of 8 on
   `fashion_mnist`, and with `large` (the benchmark datasets) the paper's 2^20
-  of 64. The SGD is USB_SGD's numbers under the schedule name
-  `fixmatch_cosine` (registered by sslj/methods/fixmatch.py), the name these
-  configs have always recorded.
+  of 64. The SGD is USB_SGD: the paper's cos(7 pi k / 16 K) is
+  `truncated_cosine` (runs recorded before it had one name say
+  `fixmatch_cosine`, which reads as it: `run_files.as_current`).
   """
   config.num_steps = 3000
   config.batch_size = 16
@@ -47,7 +47,7 @@ def fixmatch_budget(config: ml_collections.ConfigDict, args: ml_collections.Conf
   config.eval_every = 500
   config.checkpoint_every = 500
   # The reference code's weight decay: kernels only, not BatchNorm or biases.
-  config.optimizer.update(USB_SGD, schedule='fixmatch_cosine')
+  config.optimizer.update(USB_SGD)
   if args.dataset == 'fashion_mnist':
     config.batch_size = 8
     config.eval_batch_size = 1000

@@ -22,12 +22,12 @@ import os
 import socket
 
 from sslj import methods
+from sslj import run_files
 from sslj.errors import UserError
 from sslj.methods import network
 from sslj.ops import optim
 
-# Fields with a fixed set of names, as the code that reads them defines it
-# (a method's module may add schedule names: `methods.registry()` imports them).
+# Fields with a fixed set of names, as the code that reads them defines it.
 _CHOICES = {'model.dtype': tuple(network.DTYPES), 'optimizer.name': optim.OPTIMIZERS,
             'optimizer.schedule': optim.SCHEDULES, 'optimizer.decay': optim.DECAYED}
 
@@ -105,8 +105,10 @@ def check_config(config) -> None:
     if name in _CHECKED_ELSEWHERE:
       continue
     if name in _CHOICES and value not in _CHOICES[name]:
+      new = run_files.VALUES_RENAMED.get(name, {}).get(value)
+      renamed = f" ('{value}' is now called '{new}'.)" if new else ''
       raise UserError(f"--config.{name}='{value}' is not allowed: use one of "
-                      f"{', '.join(_CHOICES[name])}.")
+                      f"{', '.join(_CHOICES[name])}.{renamed}")
     if _is_number(value):
       _check_number(name, value)
     elif isinstance(value, (tuple, list)):

@@ -13,6 +13,7 @@ import jax
 
 from sslj import methods
 from sslj.errors import UserError
+from sslj.ops import optim
 
 # Fields that change how a run is watched or stored, not what it computes:
 # they may differ when a run is resumed.
@@ -39,16 +40,37 @@ def fields_added(method: str | None) -> dict:
   return {**FIELDS_ADDED, **(known.fields_added if known is not None else {})}
 
 
-def with_added_fields(recorded: dict) -> dict:
-  """`recorded` (a config.json's dict) with every added field of its method its sections lack."""
+# Config values renamed after runs were recorded with the old name: field ->
+# {old name: new name}. A recorded config reads as having the new name, so the
+# run still resumes and rebuilds; preflight tells a command line the new name.
+VALUES_RENAMED = {
+    'optimizer.schedule': optim.RENAMED_SCHEDULES,
+}
+
+
+def as_current(recorded: dict) -> dict:
+  """`recorded` (a config.json's dict) as today's code names it.
+
+  Every added field of its method that its sections lack is filled in with the
+  value that reproduces the run, and every renamed value reads as its new name.
+  """
   filled = json.loads(json.dumps(recorded))
-  for name, value in fields_added(filled.get('method')).items():
+
+  def section_of(name):
     *sections, key = name.split('.')
     node = filled
     for section in sections:
       node = node.get(section) if isinstance(node, dict) else None
+    return node, key
+
+  for name, value in fields_added(filled.get('method')).items():
+    node, key = section_of(name)
     if isinstance(node, dict) and key not in node:
       node[key] = value
+  for name, renamed in VALUES_RENAMED.items():
+    node, key = section_of(name)
+    if isinstance(node, dict) and isinstance(node.get(key), str) and node[key] in renamed:
+      node[key] = renamed[node[key]]
   return filled
 
 
@@ -110,7 +132,7 @@ def check_recorded(workdir: str, config) -> None:
     raise UserError(f'{path} is damaged (not a JSON object); restore it from a copy, or move '
                     'the workdir away to start the run from scratch.')
   current = json.loads(config.to_json_best_effort())
-  a, b = flatten(with_added_fields(recorded)), flatten(current)
+  a, b = flatten(as_current(recorded)), flatten(current)
   differ = sorted(k for k in set(a) | set(b)
                   if k not in RUN_CONTROL and a.get(k) != b.get(k))
   if differ:

@@ -67,7 +67,7 @@ class Run:
 def read_run(path: str) -> Run:
   results = read_json(os.path.join(path, 'results.json'))
   config_path = os.path.join(path, 'config.json')
-  config = (run_files.with_added_fields(read_json(config_path))
+  config = (run_files.as_current(read_json(config_path))
             if os.path.exists(config_path) else {})
   metrics_path = os.path.join(path, 'metrics.jsonl')
   metrics = []

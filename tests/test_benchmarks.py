@@ -180,7 +180,7 @@ def test_torch_mean_teacher_step_matches_sslj():
 @needs_torch
 @pytest.mark.parametrize('arg,schedule', [
     ('', 'constant'), ('', 'cosine'),
-    ('dataset=fashion_mnist,labels_per_class=10', 'fixmatch_cosine')])
+    ('dataset=fashion_mnist,labels_per_class=10', 'truncated_cosine')])
 def test_torch_twin_follows_the_config_schedule_and_teacher_decay(arg, schedule):
   """The twin's learning rate is sslj's at every step; its EMA cap switches with sslj's."""
   from benchmarks import common

@@ -162,3 +162,10 @@ def test_an_unknown_decay_is_refused_in_one_line_before_anything_is_built():
                      'use one of all, kernels'):
     preflight.check_config(tiny_config('fixmatch', **{'optimizer.decay': 'kernel'}))
   preflight.check_config(tiny_config('fixmatch', **{'optimizer.decay': 'kernels'}))
+
+
+def test_a_renamed_schedule_on_the_command_line_is_told_its_new_name():
+  with pytest.raises(UserError, match=r"--config.optimizer.schedule='fixmatch_cosine' is not "
+                     r"allowed: use one of cosine, constant, truncated_cosine\. "
+                     r"\('fixmatch_cosine' is now called 'truncated_cosine'\.\)$"):
+    preflight.check_config(tiny_config('fixmatch', **{'optimizer.schedule': 'fixmatch_cosine'}))

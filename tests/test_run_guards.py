@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT, replace_method, tiny_config
 from sslj import checkpoint, run_files, train
 from sslj.errors import UserError
+from sslj.ops import optim
 from sslj.methods import supervised
 
 
@@ -103,14 +104,32 @@ def test_a_run_recorded_before_a_field_existed_resumes_as_it_trained(tmp_path):
   run_files.claim_workdir(svm, tiny_config('kmeans_svm',
                                            **{'kmeans_features.standardize': 'labeled'}))
   # Sections a method does not have gain nothing.
-  filled = run_files.with_added_fields(json.loads(tiny_config().to_json_best_effort()))
+  filled = run_files.as_current(json.loads(tiny_config().to_json_best_effort()))
   assert 'mean_teacher' not in filled and 'kmeans_features' not in filled
   # A method's own added fields fill only its own runs' configs.
   recorded = json.loads(tiny_config('deep_cluster').to_json_best_effort())
   del recorded['deep_cluster']['head_init']
-  assert run_files.with_added_fields(recorded)['deep_cluster']['head_init'] == 'lecun_normal'
+  assert run_files.as_current(recorded)['deep_cluster']['head_init'] == 'lecun_normal'
   recorded['method'] = 'supervised'
-  assert 'head_init' not in run_files.with_added_fields(recorded)['deep_cluster']
+  assert 'head_init' not in run_files.as_current(recorded)['deep_cluster']
+
+
+def test_a_run_recorded_under_a_renamed_value_resumes_and_reads_as_the_new_name(tmp_path):
+  """FixMatch's runs recorded `fixmatch_cosine`, today's `truncated_cosine`: the same schedule."""
+  workdir = str(tmp_path / 'old')
+  config = tiny_config('fixmatch')
+  assert config.optimizer.schedule == 'truncated_cosine'
+  recorded = json.loads(config.to_json_best_effort())
+  recorded['optimizer']['schedule'] = 'fixmatch_cosine'
+  os.makedirs(workdir)
+  run_files.atomic_write_json(os.path.join(workdir, 'config.json'), recorded)
+  run_files.claim_workdir(workdir, config)
+  assert run_files.as_current(recorded)['optimizer']['schedule'] == 'truncated_cosine'
+  with pytest.raises(UserError, match="optimizer.schedule: 'truncated_cosine' there, 'cosine' now"):
+    run_files.claim_workdir(workdir, tiny_config('fixmatch', **{'optimizer.schedule': 'cosine'}))
+  # Every old name's new name is a schedule today.
+  for field, renamed in run_files.VALUES_RENAMED.items():
+    assert field == 'optimizer.schedule' and set(renamed.values()) <= set(optim.SCHEDULES)
 
 
 def test_every_added_field_is_a_field_of_its_methods_config():

@@ -164,7 +164,7 @@ class Definition:
       page compares (Mean Teacher's student and teacher); None: no pair.
     fields_added: config fields (dotted names) this method gained after
       runs were recorded without them, each with the value that reproduces
-      what those runs did (`run_files.with_added_fields` fills them in).
+      what those runs did (`run_files.as_current` fills them in).
   """
   name: str
   summary: str

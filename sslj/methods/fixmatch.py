@@ -319,9 +319,6 @@ def reported(state: FixMatchState, config, data) -> base.Reported:
   return base.Reported(dict(state.ema.average))
 
 
-# The config's name for the paper's schedule (configs/fixmatch.py's default).
-optim.register_schedule('fixmatch_cosine', optim.truncated_cosine)
-
 METHOD = base.register(base.Definition(
     name='fixmatch', summary='confident weak-view pseudo-labels as targets for strong views',
     steps_per_epoch=steps_per_epoch, build=build, reported=reported, pictures=pictures))

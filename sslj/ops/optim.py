@@ -18,8 +18,7 @@ def learning_rate(cfg, num_steps: int) -> optax.Schedule:
 
   Cosine annealing to zero over the run (Loshchilov & Hutter 2017, SGDR without
   restarts) is what both reports used; 'truncated_cosine' stops at 7/16 of
-  the half period (FixMatch's). A method may register its own names
-  (`register_schedule`).
+  the half period (FixMatch's).
   References: Loshchilov & Hutter 2017, "SGDR: stochastic gradient descent with warm restarts".
   """
   warmup = min(cfg.warmup_steps, max(num_steps - 1, 0))
@@ -70,16 +69,11 @@ def truncated_cosine(peak: float, num_steps: int, warmup_steps: int = 0) -> opta
 SCHEDULES = {'cosine': cosine, 'constant': constant, 'truncated_cosine': truncated_cosine}
 
 
-def register_schedule(name: str, make) -> None:
-  """Adds a schedule name (a method's own name for one of these schedules, say).
-
-  A method's module registers its names when it is imported; the launcher,
-  the loop, restore and the benchmarks import every method
-  (`sslj.methods.registry()`) before reading a config.
-  """
-  if SCHEDULES.get(name, make) is not make:
-    raise ValueError(f'two schedules are registered as {name!r}')
-  SCHEDULES[name] = make
+# Schedule names runs were recorded under that now have another name (the
+# FixMatch configs' name for truncated_cosine until both were one): such a run
+# reads as the new name (`run_files.as_current`), so it still resumes and
+# rebuilds, and a command line that uses the old name is told the new one.
+RENAMED_SCHEDULES = {'fixmatch_cosine': 'truncated_cosine'}
 
 
 # The names `optimizer.name` accepts.

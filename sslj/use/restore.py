@@ -78,7 +78,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f'{path} is not an sslj run config (it has no "method").')
   # JSON turned tuples into lists; every consumer (AugmentSpec) accepts both.
   # Fields added since the run was recorded read as what the run did.
-  config = ml_collections.ConfigDict(run_files.with_added_fields(recorded))
+  config = ml_collections.ConfigDict(run_files.as_current(recorded))
   config.lock()
   return config
 
