@@ -28,16 +28,22 @@ RUN_CONTROL = ('log_every', 'eval_every', 'eval_at', 'checkpoint_every', 'keep_c
 # field whose new default changes what a run computes is listed with the old
 # behaviour's value, so resuming an old run under the new default is refused.
 # These are the fields every method's config has; a method's own are its
-# `Definition.fields_added`.
+# `Definition.fields_added`, and a section a method gained with them is added
+# to its old runs' configs too.
 FIELDS_ADDED = {
     'optimizer.decay': 'all',
 }
 
 
-def fields_added(method: str | None) -> dict:
-  """FIELDS_ADDED and the recorded method's own added fields (none for an unknown name)."""
+def own_fields_added(method: str | None) -> dict:
+  """The recorded method's own added fields (none for an unknown name)."""
   known = methods.registry().get(method) if isinstance(method, str) else None
-  return {**FIELDS_ADDED, **(known.fields_added if known is not None else {})}
+  return dict(known.fields_added) if known is not None else {}
+
+
+def fields_added(method: str | None) -> dict:
+  """FIELDS_ADDED and the recorded method's own added fields."""
+  return {**FIELDS_ADDED, **own_fields_added(method)}
 
 
 # Config values renamed after runs were recorded with the old name: field ->
@@ -51,20 +57,25 @@ VALUES_RENAMED = {
 def as_current(recorded: dict) -> dict:
   """`recorded` (a config.json's dict) as today's code names it.
 
-  Every added field of its method that its sections lack is filled in with the
-  value that reproduces the run, and every renamed value reads as its new name.
+  Every added field of its method that it lacks is filled in with the value
+  that reproduces the run (a section only the method's own added fields
+  need is added; the sections of FIELDS_ADDED are filled only where the
+  config has them), and every renamed value reads as its new name.
   """
   filled = json.loads(json.dumps(recorded))
+  own = own_fields_added(filled.get('method'))
 
-  def section_of(name):
+  def section_of(name, create=False):
     *sections, key = name.split('.')
     node = filled
     for section in sections:
+      if create and isinstance(node, dict) and section not in node:
+        node[section] = {}
       node = node.get(section) if isinstance(node, dict) else None
     return node, key
 
   for name, value in fields_added(filled.get('method')).items():
-    node, key = section_of(name)
+    node, key = section_of(name, create=name in own)
     if isinstance(node, dict) and key not in node:
       node[key] = value
   for name, renamed in VALUES_RENAMED.items():
