@@ -43,6 +43,10 @@ Results: docs/results.md; recipe and departures: docs/methods/deep_cluster.md.
 
 from sslj import configlib
 
+# The models that record their features before the last ReLU
+# (`heads.record_features_before_relu`), where DeepCluster clusters by default.
+PRE_RELU_MODELS = ('small_cnn', 'alexnet')
+
 
 def get_config(arg=None):
   args = configlib.parse_arg(arg, labels_per_class='10')
@@ -66,10 +70,12 @@ def get_config(arg=None):
       probe_c=1.0,             # inverse L2 strength of the linear probe
       standardize='train',     # probe features scaled by every training image's statistics
                                # ('labeled': the labeled images' own)
-      # Against the reference code (sslj/methods/deep_cluster.py's docstring):
-      head_init='lecun_normal',  # re-drawn head's weights; 'normal_0.01' is the reference's
-      head_optimizer='shared',   # the run's optimiser; 'plain_sgd': the reference's, no momentum
-      cluster_features='post_relu',  # 'pre_relu': before the last ReLU, as the reference
+      # As the reference code (sslj/methods/deep_cluster.py's docstring: measured):
+      head_init='normal_0.01',   # re-drawn head's weights N(0, 0.01^2); 'lecun_normal': Flax's
+      head_optimizer='plain_sgd',  # its own momentum-free SGD; 'shared': the run's optimiser
+      # k-means on the features before the last ReLU, as the reference, where the
+      # model records them (PRE_RELU_MODELS); 'post_relu': the model's own features.
+      cluster_features='pre_relu' if args.model in PRE_RELU_MODELS else 'post_relu',
   )
 
   if args.dataset == 'fashion_mnist':

@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage, stats
 from sklearn import metrics
 
-from conftest import (assert_trees_equal, latest_checkpoint, tiny_config,
+from conftest import (ROOT, assert_trees_equal, config_of, latest_checkpoint, tiny_config,
                       train_until_first_checkpoint)
 from sslj import models, parallel, train
 from sslj.data import augment
@@ -193,8 +193,14 @@ def test_bad_kmeans_head_and_feature_options_fail_at_build(data_dir):
       dc.METHOD.make(config, train.load_data(config))
 
 
+# The head options before the reference's became the default: Flax's initial
+# weights, trained by the run's own optimiser.
+_FLAX_SHARED_HEAD = {'deep_cluster.head_init': 'lecun_normal',
+                     'deep_cluster.head_optimizer': 'shared'}
+
+
 def test_epoch_start_resets_the_head_and_its_momentum_only(data_dir):
-  _, _, method, state = _method(data_dir)
+  _, _, method, state = _method(data_dir, **_FLAX_SHARED_HEAD)
   state = method.on_epoch_start(state, 0)
   batch = {'unlabeled_images': jnp.asarray(np.zeros((16, 8, 8, 1), np.uint8) + 40),
            'unlabeled_indices': jnp.arange(16)}
@@ -234,8 +240,8 @@ def _trained_one_step(method, state):
   return jax.jit(method.train_step)(state, batch, jax.random.key(0))[0]
 
 
-def test_default_epoch_start_is_exactly_the_old_one(data_dir, monkeypatch):
-  _, _, method, state = _method(data_dir)
+def test_the_flax_shared_head_epoch_start_is_exactly_the_old_default(data_dir, monkeypatch):
+  _, _, method, state = _method(data_dir, **_FLAX_SHARED_HEAD)
   state = _trained_one_step(method, state)
   new = method.on_epoch_start(state, 1)
   monkeypatch.setattr(dc, 'reset_head', _todays_reset_head)
@@ -346,6 +352,21 @@ def test_tiny_run_reclusters_every_epoch_and_scores_both_probes(tmp_path, data_d
   assert record['probes']['linear']['top1'] == written['models']['linear_probe']['top1']
   with pytest.raises(UserError, match='--mode=probe'):
     export.export(str(tmp_path), out=str(tmp_path / 'export'))
+
+
+def test_the_default_clusters_before_the_last_relu_wherever_the_model_records_it():
+  """configs/deep_cluster.py's PRE_RELU_MODELS are exactly the models that record it."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('dc_config', f'{ROOT}/configs/deep_cluster.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  x = jnp.zeros((1, 32, 32, 3))
+  recording = tuple(name for name in models.NAMES
+                    if heads.records_features_before_relu(models.build(name, num_classes=3), x))
+  assert recording == module.PRE_RELU_MODELS
+  for name in models.NAMES:
+    expected = 'pre_relu' if name in recording else 'post_relu'
+    assert config_of('deep_cluster', f'model={name}').deep_cluster.cluster_features == expected
 
 
 _checkpointed = latest_checkpoint
