@@ -13,7 +13,10 @@ fullysupervised`, `config/classic_cv/fullysupervised/*.yaml`: the same
 labeled batch, iterations and SGD as its semi-supervised recipes, `ema_m`
 0.999, the EMA model evaluated), so a method that reports an average is
 compared with a baseline that has one. The default, 0, trains and reports
-the network alone.
+the network alone: on Fashion-MNIST with 10 labels per class the average
+ended level with it or lower (72.37 against 72.99 over seeds 0-2 at 3,000
+steps of 8, 72.16 against 72.32 at 4,000 of 16; 74.54 against 74.36 at
+30,000 of 8, seed 0, where it rides out the network's drops; docs/results.md).
 
 References: He et al. 2016, "Deep residual learning for image recognition".
 USB: Wang et al. 2022, "USB: a unified semi-supervised learning benchmark
