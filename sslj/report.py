@@ -26,7 +26,10 @@ A `table.json` in a table folder (optional) holds
    "rows": [{"key": "fixmatch", "label": "FixMatch", "note": "..."}, ...],
    "at_steps": [500, 1000, 2000, 3000], "models": ["raw"], "curves": true}
 `rows` names and orders rows (others follow by name; a `note` adds a note
-column); `models` adds a column of top-1 for each named model of
+column; a `baseline`, another row's key, adds a gain column: the row's
+top-1 minus the baseline's on the same seed, mean ± sample std over the
+seeds both have, and on how many of them the row is ahead; the baseline is
+named by its `short` name, else its key); `models` adds a column of top-1 for each named model of
 `results.json` besides the reported one; `curves` draws every row's reported top-1 against steps (seed
 mean) into `images/<table>_curves.png` beside `--out`.
 
@@ -129,6 +132,17 @@ def _order(rows: dict, spec: dict) -> list[tuple[str, dict]]:
   return named + rest
 
 
+def _gain(runs: list[Run], baseline: list[Run], name: str) -> str:
+  """'+1.23 ± 0.45 over NAME (2 of 3 seeds ahead)': top-1 differences on shared seeds."""
+  base = {r.seed: r.results['top1'] for r in baseline}
+  diffs = [r.results['top1'] - base[r.seed] for r in runs if r.seed in base]
+  if not diffs:
+    return f'— (no seed in common with {name})'
+  mean = f'{np.mean(diffs):+.2f}' + (f' ± {np.std(diffs, ddof=1):.2f}' if len(diffs) > 1 else '')
+  ahead = sum(d > 0 for d in diffs)
+  return f'{mean} over {name} ({ahead} of {len(diffs)} seed{"s" if len(diffs) > 1 else ""} ahead)'
+
+
 def runs_table(folder: str, spec: dict, images_dir: str | None, name: str) -> list[str]:
   """Markdown lines of a folder of runs (a row per run group)."""
   rows = group_rows(folder)
@@ -138,9 +152,15 @@ def runs_table(folder: str, spec: dict, images_dir: str | None, name: str) -> li
   models = list(spec.get('models', []))
   ordered = _order(rows, spec)
   has_notes = any(info.get('note') for _, info in ordered)
+  infos = dict(ordered)
+  for key, info in ordered:
+    if info.get('baseline') is not None and info['baseline'] not in rows:
+      raise UserError(f"{folder}/table.json: row {key!r} has baseline {info['baseline']!r}, "
+                      'which is not a row with runs.')
+  has_gains = any(info.get('baseline') for _, info in ordered)
   header = ['row', 'method', 'dataset, labels/class', 'steps', 'top-1', 'seeds', 'top-5',
             *(f'top-1 at {s:,}' for s in at_steps), *(f'top-1 of {m}' for m in models),
-            'wall per run']
+            *(['gain (same seeds)'] if has_gains else []), 'wall per run']
   header += ['note'] if has_notes else []
   table, commands, all_runs = [], [], []
   for key, info in ordered:
@@ -160,7 +180,11 @@ def runs_table(folder: str, spec: dict, images_dir: str | None, name: str) -> li
              f"{first['num_steps']:,}", f"**{_stat([r.results['top1'] for r in runs])}**", seeds,
              _stat([r.results['top5'] for r in runs]), *at,
              *(_stat([r.results['models'][m]['top1'] for r in runs
-                      if m in r.results.get('models', {})]) for m in models), wall]
+                      if m in r.results.get('models', {})]) for m in models)]
+    if has_gains:
+      base = info.get('baseline')
+      cells.append(_gain(runs, rows[base], infos[base].get('short', base)) if base else '')
+    cells.append(wall)
     table.append(cells + ([info.get('note', '')] if has_notes else []))
     for command in dict.fromkeys(_generic_command((r.results.get('provenance') or {})
                                                   .get('command', '')) for r in runs):
@@ -169,7 +193,10 @@ def runs_table(folder: str, spec: dict, images_dir: str | None, name: str) -> li
   lines = sweep.markdown_table(header, table)
   lines += ['', 'Top-1 and top-5 (%) on the test split of the model each method reports, at '
             'the end of training: mean ± sample std (ddof=1) over seeds; `top-1 at N`: the '
-            "same model's evaluation at step N, from `metrics.jsonl`.", '']
+            "same model's evaluation at step N, from `metrics.jsonl`."
+            + (' Gain: the row\'s top-1 minus its baseline row\'s on the same seed (the same '
+               'labels), mean ± sample std over the seeds both have, and on how many of them '
+               'the row is ahead.' if has_gains else ''), '']
   if spec.get('curves'):
     if images_dir is None:
       raise UserError('a table with "curves" needs --out (its picture goes beside it).')
