@@ -98,6 +98,35 @@ class Logbook:
       self._tb.close()
 
 
+class Progress:
+  """`label: done/total images (N images/s, ETA m:ss)` at most every `every_s` seconds.
+
+  For long host-side loops outside the training steps (feature passes over a
+  pool): `update(done)` after each chunk. The rate counts from the first
+  update, so a compile in the first chunk does not inflate it; nothing is
+  logged for work that ends within `every_s`.
+  """
+
+  def __init__(self, label: str, total: int, *, unit: str = 'images', every_s: float = 30.0):
+    self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+    self._first = None  # (time, done) at the first update
+    self._last_log = time.perf_counter()
+
+  def update(self, done: int) -> None:
+    now = time.perf_counter()
+    if self._first is None:
+      self._first = (now, done)
+      return
+    if now - self._last_log < self.every_s or done >= self.total:
+      return
+    self._last_log = now
+    then, then_done = self._first
+    rate = (done - then_done) / max(now - then, 1e-9)
+    eta = (self.total - done) / rate if rate > 0 else float('inf')
+    logging.info('%s: %d/%d %s (%.0f %s/s, ETA %s)', self.label, done, self.total, self.unit,
+                 rate, self.unit, _duration(eta))
+
+
 def _fmt(value):
   value = float(np.asarray(value))
   return f'{value:.4g}'

@@ -286,3 +286,21 @@ def test_the_eta_starts_after_the_first_step(tmp_path):
   rate = book.progress(100, {'loss': 1.0})['steps_per_s']
   book.close()
   assert rate > 200  # 99 steps in well under the compile's second
+
+
+def test_a_long_feature_pass_says_how_far_it_is_and_when_it_ends(monkeypatch):
+  """logbook.Progress: a line every 30 s with the rate from the first chunk on and the ETA."""
+  clock = iter([0.0, 5.0, 10.0, 20.0, 40.0, 45.0, 75.0, 200.0])
+  monkeypatch.setattr(logbook.time, 'perf_counter', lambda: next(clock))
+  lines = []
+  monkeypatch.setattr(logbook.logging, 'info', lambda fmt, *args: lines.append(fmt % args))
+  progress = logbook.Progress('Feature statistics', 1000)  # t=0
+  progress.update(100)   # t=5: the first chunk (its compile) starts the rate's clock
+  progress.update(200)   # t=10: under 30 s since the start: quiet
+  progress.update(300)   # t=20
+  progress.update(500)   # t=40: 400 images in 35 s
+  progress.update(600)   # t=45: 5 s after the last line: quiet
+  progress.update(800)   # t=75: 700 images in 70 s
+  progress.update(1000)  # t=200: done: the caller's own line says how long it took
+  assert lines == ['Feature statistics: 500/1000 images (11 images/s, ETA 0:44)',
+                   'Feature statistics: 800/1000 images (10 images/s, ETA 0:20)']

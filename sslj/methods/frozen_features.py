@@ -25,7 +25,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from sslj import parallel
+from sslj import logbook, parallel
 from sslj.errors import UserError
 from sslj.ops import probes
 
@@ -82,9 +82,12 @@ def check_standardize(value, field: str) -> None:
 def training_moments(features_of: Callable[[np.ndarray], np.ndarray], data) -> probes.Moments:
   """Per-feature moments over every training image (labeled, then unlabeled), in chunks."""
   moments = probes.Moments()
+  progress = logbook.Progress('Feature statistics of the training images',
+                              len(data.labeled_images) + len(data.unlabeled_images))
   for images in (data.labeled_images, data.unlabeled_images):
     for start in range(0, len(images), MOMENTS_CHUNK):
       moments.add(features_of(images[start:start + MOMENTS_CHUNK]))
+      progress.update(moments.count)
   return moments
 
 

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sslj import parallel
+from sslj import logbook, parallel
 from sslj.errors import UserError
 from sslj.methods import base, frozen_features
 from sslj.ops import kmeans as km
@@ -200,13 +200,15 @@ def chunk_images(image_shape, patch: int, stride: int, num_centroids: int,
 
 def extract_features(images: np.ndarray, encoder: Encoder, *, patch: int, stride: int,
                      normalize_eps: float, budget_mb: float, mesh=None,
-                     kinds: tuple[str, ...] = ACTIVATIONS, on_chunk=None) -> dict:
+                     kinds: tuple[str, ...] = ACTIVATIONS, on_chunk=None,
+                     label: str = 'k-means features') -> dict:
   """`encode` over a host image set in chunks of one fixed size (one compile).
 
   Each chunk is padded to a multiple of the devices and sharded over the
   mesh's `data` axis; the encoder is replicated. With `on_chunk`, each chunk's
   {kind: features} goes to it instead and nothing is kept ({} is returned):
-  statistics of sets too large to hold.
+  statistics of sets too large to hold. A long pass logs its progress
+  (`label`, images done, rate and ETA) every 30 s.
   """
   mesh = mesh or parallel.make_mesh()
   devices = mesh.devices.size
@@ -215,6 +217,7 @@ def extract_features(images: np.ndarray, encoder: Encoder, *, patch: int, stride
   chunk = -(-chunk // devices) * devices
   encoder = jax.device_put(encoder, parallel.replicated(mesh))
   out = {kind: [] for kind in kinds}
+  progress = logbook.Progress(label, len(images))
   for start in range(0, len(images), chunk):
     x = images[start:start + chunk]
     real = len(x)
@@ -223,6 +226,7 @@ def extract_features(images: np.ndarray, encoder: Encoder, *, patch: int, stride
     feats = encode(parallel.to_global(x, parallel.batch_sharded(mesh)), encoder,
                    patch=patch, stride=stride, normalize_eps=normalize_eps, kinds=kinds)
     feats = {kind: np.asarray(f[:real]) for kind, f in jax.device_get(feats).items()}
+    progress.update(start + real)
     if on_chunk is not None:
       on_chunk(feats, images[start:start + real])
       continue
@@ -309,7 +313,8 @@ def run_pipeline(config, data, workdir: str):
   num_labeled = len(data.labeled_images)
   start = time.perf_counter()
   features = extract_features(images, encoder, patch=kf.patch_size, stride=kf.stride,
-                              normalize_eps=kf.normalize_eps, budget_mb=kf.chunk_mb, mesh=mesh)
+                              normalize_eps=kf.normalize_eps, budget_mb=kf.chunk_mb, mesh=mesh,
+                              label='Features of the labeled and test images')
   elapsed = time.perf_counter() - start
   logging.info('Features of %d images (%d each) took %.1f s (%.0f images/s).', len(images),
                features['triangle'].shape[1], elapsed, len(images) / elapsed)
@@ -329,7 +334,7 @@ def run_pipeline(config, data, workdir: str):
       m.add(features[name][:num_labeled])
     extract_features(data.unlabeled_images, encoder, patch=kf.patch_size, stride=kf.stride,
                      normalize_eps=kf.normalize_eps, budget_mb=kf.chunk_mb, mesh=mesh,
-                     on_chunk=add)
+                     on_chunk=add, label="Feature statistics of the unlabeled images")
     standardizers = {name: m.standardizer() for name, m in moments.items()}
     logging.info('Feature statistics of the %d training images took %.1f s.',
                  moments['triangle'].count, time.perf_counter() - start)
