@@ -19,8 +19,10 @@ A pipeline, not gradient training (`train.py` runs `run_pipeline`):
    (scikit-learn `LinearSVC`, one-vs-rest) on the labeled images' features,
    standardised with the mean and deviation of every training image's
    features (labeled and unlabeled, as Coates et al.; `standardize='labeled'`
-   uses the labeled images' own); top-1/top-5 from its decision values on the
-   test split. Raw pixels go through the same SVM as the floor.
+   uses the labeled images' own; on Fashion-MNIST with 10 labels per class,
+   seed 0, 75.69 against 74.39, docs/results.md); top-1/top-5 from its
+   decision values on the test split. Raw pixels go through the same SVM as
+   the floor.
 
 The patch vectors are ordered (row, column, channel) everywhere, so a
 centroid reshapes to a p x p x C picture (`centroids.npz`).
