@@ -74,7 +74,7 @@ def as_current(recorded: dict) -> dict:
       node = node.get(section) if isinstance(node, dict) else None
     return node, key
 
-  for name, value in fields_added(filled.get('method')).items():
+  for name, value in {**FIELDS_ADDED, **own}.items():
     node, key = section_of(name, create=name in own)
     if isinstance(node, dict) and key not in node:
       node[key] = value
