@@ -21,10 +21,14 @@ Presets (config string):
     convolution; 3,000 steps, to be compared with the same-discriminator
     baseline (configs/supervised.py:
     dataset=fashion_mnist,labels_per_class=10,model=dcgan_discriminator with
-    3,000 steps of 64 and the Adam above).
+    3,000 steps of 32, the SSL-GAN's labeled batch, and the Adam above).
   configs/ssl_gan.py:dataset=cifar10,labels_per_class=400
     the paper's CIFAR-10 setting (4,000 labels): batch 100 labeled + 100
-    unlabeled, Adam lr 3e-4 beta1 0.5, 1,200 epochs.
+    unlabeled, Adam lr 3e-4 beta1 0.5, 1,200 epochs, and the CIFAR script's
+    L1 feature matching.
+
+The generator matches the features of its own unlabeled batch, drawn apart
+from the discriminator's, as both reference scripts do.
 
 Hyper-parameters from the paper's code: Adam with beta1 0.5 and lr 3e-4 for
 both networks, unsupervised weight 0.5, LeakyReLU 0.2, dropout 0.2 on the
@@ -66,8 +70,10 @@ def get_config(arg=None):
       collapse_stop=False,         # and stop the run with an error
       num_samples=100,             # images in each sample grid
       # Against the reference code (sslj/methods/ssl_gan.py's docstring):
-      feature_matching='l2',       # squared L2 of the mean features; 'l1': the CIFAR script's
-      generator_batch='shared',    # the discriminator's unlabeled batch; 'separate': another
+      feature_matching='l2',       # squared L2 of the mean features, the MNIST script's;
+                                   # 'l1': the CIFAR script's (the CIFAR-10 preset's)
+      generator_batch='separate',  # the generator's own unlabeled batch, as both scripts;
+                                   # 'shared': the discriminator's
       data_init=False,             # True: weight norm's data-dependent init on 500 images
   )
 
@@ -83,6 +89,6 @@ def get_config(arg=None):
   if args.dataset == 'cifar10':
     config.num_epochs = 1200.0
     config.batch_size = 200
-    config.ssl_gan.update(labeled_batch_size=100, ema_decay=0.999)
+    config.ssl_gan.update(labeled_batch_size=100, ema_decay=0.999, feature_matching='l1')
   config.lock()
   return config

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import (assert_trees_equal, latest_checkpoint, tiny_config,
+from conftest import (assert_trees_equal, config_of, latest_checkpoint, tiny_config,
                       train_until_first_checkpoint)
 from sslj import models, parallel, train
 from sslj.data import augment
@@ -176,13 +176,26 @@ def test_bad_reference_options_fail_at_build(data_dir):
       ssl_gan.METHOD.make(config, train.load_data(config))
 
 
+def test_presets_take_the_reference_script_for_their_images():
+  """The generator's own batch everywhere (both scripts); the distance of
+  the MNIST script on the small grey presets, of the CIFAR-10 script on
+  CIFAR-10 (the module docstring's decisions)."""
+  expected = {'': 'l2', 'dataset=fashion_mnist,labels_per_class=10': 'l2',
+              'dataset=cifar10,labels_per_class=400': 'l1'}
+  for arg, distance in expected.items():
+    config = config_of('ssl_gan', arg)
+    assert (config.ssl_gan.generator_batch, config.ssl_gan.feature_matching) == (
+        'separate', distance), arg
+
+
 def test_separate_generator_batch_is_a_second_draw_of_the_loop(data_dir):
   config, data, method, state, _ = _built(data_dir, **{'ssl_gan.generator_batch': 'separate'})
   labeled, unlabeled = ssl_gan.batch_split(config)
   assert (method.labeled_batch, method.unlabeled_batch) == (labeled, 2 * unlabeled)
-  default_config = tiny_config('ssl_gan', **{'data.data_dir': data_dir,
-                                             'ssl_gan.labeled_batch_size': 4})
-  assert ssl_gan.steps_per_epoch(config, data) == ssl_gan.steps_per_epoch(default_config, data)
+  shared_config = tiny_config('ssl_gan', **{'data.data_dir': data_dir,
+                                            'ssl_gan.labeled_batch_size': 4,
+                                            'ssl_gan.generator_batch': 'shared'})
+  assert ssl_gan.steps_per_epoch(config, data) == ssl_gan.steps_per_epoch(shared_config, data)
   # The loop draws the batch: twice the unlabeled rows, split in halves.
   mesh = parallel.make_mesh()
   batch = jax.jit(functools.partial(
@@ -270,7 +283,9 @@ def test_reference_options_run_resumes_to_the_same_end(tmp_path, data_dir, monke
 
 
 def test_step_is_discriminator_then_generator_each_leaving_the_other(data_dir):
-  config, _, method, state, batch = _built(data_dir, **{'ssl_gan.manifold_weight': 0.1})
+  # One batch for both halves ('shared'); the 'separate' split is tested above.
+  config, _, method, state, batch = _built(data_dir, **{'ssl_gan.manifold_weight': 0.1,
+                                                        'ssl_gan.generator_batch': 'shared'})
   kw = method.train_step.keywords
   key = jax.random.key(7)
   full, metrics = jax.jit(method.train_step)(state, batch, key)
