@@ -188,6 +188,16 @@ def test_presets_take_the_reference_script_for_their_images():
         'separate', distance), arg
 
 
+def test_supervised_baseline_trains_with_the_gans_optimiser():
+  for arg in ('', 'dataset=fashion_mnist,labels_per_class=10',
+              'dataset=cifar10,labels_per_class=400'):
+    gan = config_of('ssl_gan', arg)
+    baseline = config_of('supervised', ','.join(filter(None, (arg, 'model=dcgan_discriminator'))))
+    assert baseline.optimizer.to_dict() == gan.optimizer.to_dict(), arg
+  assert config_of('ssl_gan').optimizer.learning_rate == 0.003
+  assert config_of('ssl_gan', 'dataset=cifar10,labels_per_class=400').optimizer.learning_rate == 3e-4
+
+
 def test_separate_generator_batch_is_a_second_draw_of_the_loop(data_dir):
   config, data, method, state, _ = _built(data_dir, **{'ssl_gan.generator_batch': 'separate'})
   labeled, unlabeled = ssl_gan.batch_split(config)
