@@ -69,8 +69,8 @@ reference's setting unless ours is ahead on every seed):
     64.18); it is to be measured at the preset's rate.
   * The learning rate: digits and Fashion-MNIST take the MNIST script's,
     Adam at a constant 0.003 for both networks. Against 3e-4 with a cosine
-    decay it gave 69.47 against 66.76 on Fashion-MNIST (seed 0) and 91.56
-    and 92.22 against 89.56 and 87.33 on digits (seeds 0 and 1). The
+    decay it gave 69.47 against 66.76 on Fashion-MNIST (seed 0) and 91.56,
+    92.22 and 93.11 against 89.56, 87.33 and 87.11 on digits (seeds 0-2). The
     supervised baseline with this discriminator trains with the same
     optimiser (configs/supervised.py). The CIFAR-10 preset keeps the
     CIFAR-10 script's 3e-4, decayed by a cosine where the script holds it
