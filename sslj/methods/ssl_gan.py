@@ -32,9 +32,10 @@ from a checkpoint (`pictures`).
 
 Departures from the reference code (openai/improved-gan,
 `mnist_svhn_cifar10/train_cifar_feature_matching.py` and
-`train_mnist_feature_matching.py`), each measured on Fashion-MNIST with 10
-labels per class, seed 0 (docs/results.md, the A/B table; the rule: the
-reference's setting unless ours is ahead on every seed):
+`train_mnist_feature_matching.py`). Where a figure is given it is top-1 on
+Fashion-MNIST with 10 labels per class, seed 0, unless it names other seeds
+or digits (docs/results.md, the A/B tables; the rule: the reference's
+setting unless ours is ahead on every seed):
   * Feature-matching distance: the 28x28 and digits presets take the MNIST
     script's, the squared L2 norm of the difference of the batch-mean
     features, sum_d (m_real[d] - m_fake[d])^2 (`gan.feature_matching`; the
