@@ -16,7 +16,7 @@ from conftest import (assert_trees_equal, config_of, latest_checkpoint, tiny_con
 from sslj import models, parallel, train
 from sslj.data import augment
 from sslj.errors import UserError
-from sslj.methods import ssl_gan
+from sslj.methods import ssl_gan, ssl_gan_samples
 from sslj.ops import gan
 
 
@@ -386,7 +386,7 @@ def test_tiny_run_writes_results_and_sample_grids(tmp_path, data_dir):
   # viz's hook draws the final grid again from the checkpoint, pixel for pixel.
   from sslj.use import restore
   run = restore.restore(str(tmp_path), None)
-  grid, _ = ssl_gan.pictures(run.state, run.config, run.data, 0)['samples']
+  grid, _ = ssl_gan_samples.pictures(run.state, run.config, run.data, 0)['samples']
   np.testing.assert_array_equal(grid, np.asarray(Image.open(tmp_path / 'samples/step_000012.png')))
   # The reported network (evaluate / export / viz) is the averaged discriminator.
   net = run.network

@@ -28,7 +28,7 @@ count restarts when a run resumes.
 
 At each evaluation a grid of samples for fixed latent vectors is written to
 `workdir/samples/step_XXXXXX.png`; `python -m sslj.viz` draws the same grid
-from a checkpoint (`pictures`).
+from a checkpoint (`ssl_gan_samples.pictures`).
 
 Departures from the reference code (openai/improved-gan,
 `mnist_svhn_cifar10/train_cifar_feature_matching.py` and
@@ -97,9 +97,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
-from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
@@ -109,11 +107,8 @@ from sslj import models
 from sslj.data import augment
 from sslj.errors import UserError
 from sslj.methods import base, network
+from sslj.methods import ssl_gan_samples as samples
 from sslj.ops import ema, gan, optim
-from sslj.ops import image_grid as grids
-
-SAMPLE_ZOOM_PX = 56  # a sample tile's side in the saved grid is about this many pixels
-
 
 class GanState(flax.struct.PyTreeNode):
   step: jax.Array
@@ -280,55 +275,6 @@ def predict(state: GanState, images, *, preprocess: network.Preprocess):
                                               'batch_stats': disc.batch_stats}, x, train=False)}
 
 
-def image_shape(config, data) -> tuple[int, int, int]:
-  """(H, W, C) the discriminator sees, which the generator must produce."""
-  h, w, c = data.labeled_images.shape[1:]
-  size = config.augment.get('out_size')
-  return (size, size, c) if size else (h, w, c)
-
-
-def build_generator(config, data):
-  cfg = config.ssl_gan
-  return models.build_generator(cfg.generator, image_shape=image_shape(config, data),
-                                dtype=network.compute_dtype(config.model.dtype),
-                                base_width=cfg.generator_width, upsample=cfg.upsample)
-
-
-def fixed_latents(config) -> np.ndarray:
-  """The latent vectors of every sample grid of a run (the same at each eval)."""
-  rng = np.random.RandomState(config.seed)
-  return rng.randn(config.ssl_gan.num_samples, config.ssl_gan.latent_dim).astype(np.float32)
-
-
-def _local(tree):
-  """A replicated global array's copy on this process, as numpy (no collective)."""
-  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if hasattr(
-      a, 'addressable_data') else np.asarray(a), tree)
-
-
-def sample_grid(generator, variables, z: np.ndarray) -> np.ndarray:
-  """uint8 RGB grid of the generator's images for latents z (running BN statistics)."""
-  images = np.asarray(jax.jit(functools.partial(generator.apply, train=False))(variables, z))
-  cols = grids.square_cols(len(images))
-  return grids.tile(images, cols=cols, zoom=grids.zoom_for(images.shape[1:3], SAMPLE_ZOOM_PX))
-
-
-def _generator_variables(state: GanState):
-  return _local({'params': state.generator.params, 'batch_stats': state.generator.batch_stats})
-
-
-def pictures(state: GanState | None, config, data, seed: int) -> dict:
-  """The page's picture: the generator's samples for the run's fixed latents."""
-  del seed  # the run's own latents, the same at every evaluation
-  if state is None:
-    raise base.NotApplicable('no checkpoint yet, so no trained generator')
-  grid = sample_grid(build_generator(config, data), _generator_variables(state),
-                     fixed_latents(config))
-  return {'samples': (grid, f'{config.ssl_gan.num_samples} generated images for fixed latent '
-                            'vectors (the same at every evaluation of the run; BatchNorm with '
-                            'running statistics).')}
-
-
 # Images of the data-dependent initialisation (improved-gan's `trainx[:500]`).
 DATA_INIT_IMAGES = 500
 
@@ -361,7 +307,7 @@ def build(config, data, steps: base.Steps) -> base.Method:
   spec = augment.AugmentSpec.from_config(config.augment)
   preprocess = network.Preprocess(spec, data.mean, data.std)
   disc_model = network.build_model(config, data.num_classes)
-  gen_model = build_generator(config, data)
+  gen_model = samples.build_generator(config, data)
   disc_tx = optim.make_optimizer(config.optimizer, num_steps)
   gen_opt = config.optimizer.copy_and_resolve_references()
   if cfg.generator_learning_rate:
@@ -392,13 +338,6 @@ def build(config, data, steps: base.Steps) -> base.Method:
     return GanState(step=jnp.zeros((), jnp.int32), discriminator=disc, generator=gen,
                     discriminator_ema=average.init(disc.params))
 
-  latents = fixed_latents(config)
-
-  def on_eval(state: GanState, step: int, workdir: str) -> None:
-    path = os.path.join(workdir, 'samples', f'step_{step:06d}.png')
-    grids.save_png(path, sample_grid(gen_model, _generator_variables(state), latents))
-    logging.info('generated samples: %s', path)
-
   return base.Method(
       init=init,
       train_step=functools.partial(train_step, preprocess=preprocess, average=average,
@@ -407,7 +346,7 @@ def build(config, data, steps: base.Steps) -> base.Method:
       reported_model='discriminator_ema', labeled_batch=labeled,
       # 'separate': a second half of as many rows, the generator's (split_unlabeled).
       unlabeled_batch=unlabeled * (2 if cfg.generator_batch == 'separate' else 1),
-      on_eval=on_eval,
+      on_eval=samples.SampleWriter(gen_model, samples.fixed_latents(config)),
       on_log=gan.CollapseWatch(cfg.collapse_fraction, cfg.collapse_logs, cfg.collapse_stop))
 
 
@@ -420,6 +359,6 @@ def reported(state: GanState, config, data) -> base.Reported:
 
 METHOD = base.register(base.Definition(
     name='ssl_gan', summary='a K+1-class discriminator against a generator (feature matching)',
-    steps_per_epoch=steps_per_epoch, build=build, reported=reported, pictures=pictures,
+    steps_per_epoch=steps_per_epoch, build=build, reported=reported, pictures=samples.pictures,
     fields_added={'ssl_gan.feature_matching': 'l2', 'ssl_gan.generator_batch': 'shared',
                   'ssl_gan.data_init': False}))
