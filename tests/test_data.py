@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 
 import numpy as np
 from PIL import Image
@@ -184,6 +185,26 @@ def test_digits_second_load_reuses_prepared_data(tmp_path):
 
 
 # ---------------------------------------------------------------- fashion_mnist
+
+
+def test_a_run_waits_while_another_prepares_the_same_data(tmp_path):
+  """Two runs started at once on a fresh data_dir: the second waits for the
+  first's preparation and reads it, instead of preparing into the same folder
+  (tfds's final rename fails for the second)."""
+  child = subprocess.Popen(
+      [sys.executable, '-c', 'import sys; from sslj.data import sources; print("imported", '
+       'flush=True); a = sources.load_arrays("digits", data_dir=sys.argv[1]); '
+       'print(len(a.train_images))', str(tmp_path)],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  builder = sources.BUILDERS['digits'](data_dir=str(tmp_path))
+  with sources._preparation_lock(builder):
+    assert child.stdout.readline().strip() == 'imported'
+    time.sleep(1.0)  # the child finds nothing prepared and waits on the lock
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  out, err = child.communicate(timeout=120)
+  assert child.returncode == 0, err[-2000:]
+  assert out.strip() == '1347' and 'Preparing' not in err
 
 
 def test_fashion_mnist_decodes_idx_files(tmp_path):

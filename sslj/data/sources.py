@@ -13,7 +13,9 @@ Dataset names:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 
 from absl import logging
@@ -182,30 +184,61 @@ def _prepare_builder(name: str, data_dir, manual_dir, size):
     if not path:
       raise UserError('image_folder: needs a path, e.g. image_folder:/data/my_images.')
     config = image_folder.make_config(path, size)
-    builder = builders.SsljImageFolder(config=config, data_dir=data_dir)
-    _prepare(builder, name, manual_dir)
-    return builder
+    return _prepare(lambda: builders.SsljImageFolder(config=config, data_dir=data_dir), name,
+                    manual_dir)
   if name.startswith('tfds:'):
     return _catalog_builder(name.partition(':')[2], data_dir, manual_dir)
   if name in BUILDERS:
-    builder = BUILDERS[name](data_dir=data_dir)
-    _prepare(builder, name, manual_dir or DEFAULT_MANUAL_DIRS.get(name))
-    return builder
+    return _prepare(lambda: BUILDERS[name](data_dir=data_dir), name,
+                    manual_dir or DEFAULT_MANUAL_DIRS.get(name))
   raise UserError(f'unknown dataset {name!r}: use one of {", ".join(VALID_NAMES)}.')
 
 
-def _prepare(builder, name: str, manual_dir: str | None) -> None:
-  """Runs our builder's preparation once; later calls find it prepared."""
-  if builder.is_prepared():
+@contextlib.contextmanager
+def _preparation_lock(builder):
+  """Holds an exclusive lock beside the dataset's folder while it is prepared.
+
+  Two runs started at once on one machine would otherwise both prepare into
+  the same folder, and tfds's final rename fails for the second. The lock is
+  an advisory `flock` on `<data_dir>/<dataset>.lock`, so it also serialises
+  processes of one host; remote file systems (`gs://...`) are not locked.
+  """
+  folder = os.path.dirname(os.fspath(builder.data_dir))
+  if '://' in folder:
+    yield
     return
-  logging.info('Preparing %s in %s (first use; later runs reuse it).', name, builder.data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(
-          manual_dir=manual_dir,
-          # Our builders exist only here: never look for them on GCS.
-          try_download_gcs=False,
-      )
-  )
+  os.makedirs(os.path.dirname(folder), exist_ok=True)
+  with open(folder + '.lock', 'a') as handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepare(make_builder, name: str, manual_dir: str | None):
+  """Our builder for `name`, prepared once; later calls find it prepared.
+
+  `make_builder` is called again after the lock is taken: another process
+  may have prepared the data while this one waited, and a builder made
+  before that reads no splits.
+  """
+  builder = make_builder()
+  if builder.is_prepared():
+    return builder
+  with _preparation_lock(builder):
+    builder = make_builder()
+    if builder.is_prepared():
+      return builder
+    logging.info('Preparing %s in %s (first use; later runs reuse it).', name, builder.data_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=manual_dir,
+            # Our builders exist only here: never look for them on GCS.
+            try_download_gcs=False,
+        )
+    )
+  return builder
 
 
 def _catalog_builder(catalog_name: str, data_dir, manual_dir):
@@ -242,11 +275,14 @@ def _catalog_builder(catalog_name: str, data_dir, manual_dir):
         "prepare): pip install 'sslj[prepare]', or use a dataset sslj builds "
         f'itself ({", ".join(BUILDERS)}).'
     ) from e
-  logging.info('Preparing tfds:%s in %s (first use).', catalog_name, builder.data_dir)
-  builder.download_and_prepare(
-      file_format='array_record',
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
-  )
+  with _preparation_lock(builder):
+    builder = tfds.builder(catalog_name, data_dir=data_dir)  # prepared while we waited?
+    if not builder.is_prepared():
+      logging.info('Preparing tfds:%s in %s (first use).', catalog_name, builder.data_dir)
+      builder.download_and_prepare(
+          file_format='array_record',
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+      )
   return builder
 
 
