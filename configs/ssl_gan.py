@@ -52,11 +52,8 @@ def get_config(arg=None):
   config.log_every = 100
   config.eval_every = 500
   config.checkpoint_every = 500
-  # improved-gan's MNIST script: Adam at a constant 0.003 for both networks
-  # (docs/methods/ssl_gan.md: ahead of 3e-4 with a cosine decay on digits and
-  # Fashion-MNIST); CIFAR-10 takes its script's 3e-4 below.
-  config.optimizer.update(name='adam', learning_rate=0.003, b1=0.5, b2=0.999,
-                          weight_decay=0.0, schedule='constant')
+  # improved-gan's MNIST script's Adam, a constant 0.003 (CIFAR-10: its script's 3e-4).
+  config.optimizer.update(configlib.gan_optimizer(args.dataset))
 
   config.ssl_gan = dict(
       labeled_batch_size=32,       # the rest of batch_size is unlabeled; as many are generated
@@ -95,6 +92,5 @@ def get_config(arg=None):
     config.num_epochs = 1200.0
     config.batch_size = 200
     config.ssl_gan.update(labeled_batch_size=100, ema_decay=0.999, feature_matching='l1')
-    config.optimizer.update(learning_rate=3e-4, schedule='cosine')
   config.lock()
   return config

@@ -48,10 +48,7 @@ def get_config(arg=None):
   if args.model == 'dcgan_discriminator':
     # The semi-supervised GAN's classifier trained on the labels alone, with
     # the GAN's optimiser (configs/ssl_gan.py): the baseline it must beat.
-    config.optimizer.update(name='adam', learning_rate=0.003, b1=0.5, b2=0.999,
-                            weight_decay=0.0, schedule='constant')
-    if args.dataset == 'cifar10':
-      config.optimizer.update(learning_rate=3e-4, schedule='cosine')
+    config.optimizer.update(configlib.gan_optimizer(args.dataset))
 
   if args.model.startswith('resnet') and (args.dataset == 'stl10' or args.dataset.startswith('image_folder')):
     # The reports' ResNet-152 baseline: SGD, 90 epochs, batch 32.

@@ -30,6 +30,23 @@ USB_SGD = dict(learning_rate=0.03, momentum=0.9, nesterov=True, weight_decay=5e-
                schedule='truncated_cosine', decay='kernels')
 
 
+def gan_optimizer(dataset: str) -> dict:
+  """The SSL-GAN's Adam, for both its networks, which the supervised baseline
+  with its discriminator (configs/supervised.py, `model=dcgan_discriminator`)
+  shares.
+
+  improved-gan's MNIST script's constant 0.003 (beta1 0.5, no decay), ahead
+  of 3e-4 with a cosine decay on digits and Fashion-MNIST
+  (docs/methods/ssl_gan.md); on CIFAR-10 its CIFAR-10 script's 3e-4, decayed
+  here by a cosine.
+  """
+  adam = dict(name='adam', learning_rate=0.003, b1=0.5, b2=0.999, weight_decay=0.0,
+              schedule='constant')
+  if dataset == 'cifar10':
+    adam.update(learning_rate=3e-4, schedule='cosine')
+  return adam
+
+
 def fixmatch_budget(config: ml_collections.ConfigDict, args: ml_collections.ConfigDict, *,
                     large: bool) -> None:
   """Sets FixMatch's steps, batches, logging and SGD, which its successors share.
