@@ -200,8 +200,9 @@ def _preparation_lock(builder):
 
   Two runs started at once on one machine would otherwise both prepare into
   the same folder, and tfds's final rename fails for the second. The lock is
-  an advisory `flock` on `<data_dir>/<dataset>.lock`, so it also serialises
-  processes of one host; remote file systems (`gs://...`) are not locked.
+  an advisory `flock` on `<the dataset's folder>.lock` (for digits,
+  `~/tensorflow_datasets/sslj_digits.lock`); folders on remote file systems
+  (`gs://...`) are not locked.
   """
   folder = os.path.dirname(os.fspath(builder.data_dir))
   if '://' in folder:
