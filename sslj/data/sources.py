@@ -185,12 +185,13 @@ def _prepare_builder(name: str, data_dir, manual_dir, size):
       raise UserError('image_folder: needs a path, e.g. image_folder:/data/my_images.')
     config = image_folder.make_config(path, size)
     return _prepare(lambda: builders.SsljImageFolder(config=config, data_dir=data_dir), name,
-                    manual_dir)
+                    download_config=_own_download_config(manual_dir))
   if name.startswith('tfds:'):
     return _catalog_builder(name.partition(':')[2], data_dir, manual_dir)
   if name in BUILDERS:
     return _prepare(lambda: BUILDERS[name](data_dir=data_dir), name,
-                    manual_dir or DEFAULT_MANUAL_DIRS.get(name))
+                    download_config=_own_download_config(
+                        manual_dir or DEFAULT_MANUAL_DIRS.get(name)))
   raise UserError(f'unknown dataset {name!r}: use one of {", ".join(VALID_NAMES)}.')
 
 
@@ -217,28 +218,26 @@ def _preparation_lock(builder):
       fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _prepare(make_builder, name: str, manual_dir: str | None):
-  """Our builder for `name`, prepared once; later calls find it prepared.
+def _own_download_config(manual_dir: str | None):
+  # Our builders exist only here: never look for them on GCS.
+  return tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+
+
+def _prepare(make_builder, name: str, **prepare_kwargs):
+  """The builder `make_builder()` for `name`, prepared once; later calls find it prepared.
 
   `make_builder` is called again after the lock is taken: another process
   may have prepared the data while this one waited, and a builder made
-  before that reads no splits.
+  before that reads no splits. `prepare_kwargs` go to `download_and_prepare`.
   """
   builder = make_builder()
   if builder.is_prepared():
     return builder
   with _preparation_lock(builder):
     builder = make_builder()
-    if builder.is_prepared():
-      return builder
-    logging.info('Preparing %s in %s (first use; later runs reuse it).', name, builder.data_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=manual_dir,
-            # Our builders exist only here: never look for them on GCS.
-            try_download_gcs=False,
-        )
-    )
+    if not builder.is_prepared():
+      logging.info('Preparing %s in %s (first use; later runs reuse it).', name, builder.data_dir)
+      builder.download_and_prepare(**prepare_kwargs)
   return builder
 
 
@@ -276,15 +275,9 @@ def _catalog_builder(catalog_name: str, data_dir, manual_dir):
         "prepare): pip install 'sslj[prepare]', or use a dataset sslj builds "
         f'itself ({", ".join(BUILDERS)}).'
     ) from e
-  with _preparation_lock(builder):
-    builder = tfds.builder(catalog_name, data_dir=data_dir)  # prepared while we waited?
-    if not builder.is_prepared():
-      logging.info('Preparing tfds:%s in %s (first use).', catalog_name, builder.data_dir)
-      builder.download_and_prepare(
-          file_format='array_record',
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
-      )
-  return builder
+  return _prepare(lambda: tfds.builder(catalog_name, data_dir=data_dir), f'tfds:{catalog_name}',
+                  file_format='array_record',
+                  download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
 
 
 def _split_names(builder) -> dict[str, str | None]:
