@@ -167,8 +167,7 @@ def centroids(ctx: Context) -> list:
   cols = grids.square_cols(shown)
   zoom = grids.zoom_for((p, q), CENTROID_PX)
   which = f'the first {shown} of {total}' if shown < total else f'all {total}'
-  source = f'centroids.npz in the run directory ({ctx.config.kmeans_features.num_centroids} '\
-           f'centroids, {p}x{q} patches)' if 'kmeans_features' in ctx.config else 'centroids.npz'
+  source = f'centroids.npz in the run directory ({total} centroids, {p}x{q} patches)'
   kind = 'RGB' if c == 3 else 'grey'
   out = []
   if 'zca_matrix' in saved and 'zca_mean' in saved:
