@@ -24,14 +24,16 @@ load average of the machine when runs finished, where recorded.
 A `table.json` in a table folder (optional) holds
   {"title": "...", "text": "Markdown shown under the title", "order": 1,
    "rows": [{"key": "fixmatch", "label": "FixMatch", "note": "..."}, ...],
-   "at_steps": [500, 1000, 2000, 3000], "models": ["raw"], "curves": true}
+   "at_steps": [500, 1000, 2000, 3000], "models": ["raw"], "curves": true,
+   "lines": [{"value": 81.11, "label": "the target"}]}
 `rows` names and orders rows (others follow by name; a `note` adds a note
 column; a `baseline`, another row's key, adds a gain column: the row's
 top-1 minus the baseline's on the same seed, mean ± sample std over the
 seeds both have, and on how many of them the row is ahead; the baseline is
 named by its `short` name, else its key); `models` adds a column of top-1 for each named model of
 `results.json` besides the reported one; `curves` draws every row's reported top-1 against steps (seed
-mean) into `images/<table>_curves.png` beside `--out`.
+mean) into `images/<table>_curves.png` beside `--out`, with a dashed
+horizontal line at each of `lines` (a target, a baseline), named under the picture.
 
 `--records=DIR` first copies each table's small files (config.json,
 results.json, metrics.jsonl, table.json, sweep.json, unavailable.json; no
@@ -46,6 +48,8 @@ import glob
 import os
 import re
 import sys
+import textwrap
+from typing import Sequence
 
 from absl import app, flags
 import numpy as np
@@ -200,33 +204,70 @@ def runs_table(folder: str, spec: dict, images_dir: str | None, name: str) -> li
   if spec.get('curves'):
     if images_dir is None:
       raise UserError('a table with "curves" needs --out (its picture goes beside it).')
+    references = _reference_lines(spec, folder)
     picture = draw_curves(ordered, rows, os.path.join(images_dir, f'{name}_curves.png'),
-                          title=spec.get('title', name))
+                          title=spec.get('title', name), references=references)
     lines += [f'![{spec.get("title", name)}: top-1 against steps](images/{picture})', '']
+    if references:
+      lines += ['Dashed: ' + '; '.join(f'{label} ({value:.2f})' for value, label in references)
+                + '.', '']
   lines += ['Commands:', '', *commands, '',
             *provenance_lines(all_runs)]
   return lines
 
 
-def draw_curves(ordered, rows, path: str, *, title: str) -> str:
-  """Every row's reported top-1 against steps (mean over the seeds evaluated at a step)."""
+def _reference_lines(spec, folder: str) -> list[tuple[float, str]]:
+  """`lines` of a table.json as (value, label) pairs; a malformed entry is a UserError."""
+  references = []
+  for entry in spec.get('lines', []):
+    if not (isinstance(entry, dict) and isinstance(entry.get('label'), str)
+            and isinstance(entry.get('value'), (int, float))
+            and not isinstance(entry.get('value'), bool)):
+      raise UserError(f'{folder}/table.json: each of "lines" needs a number "value" and a text '
+                      f'"label", e.g. {{"value": 81.11, "label": "the target"}}; got {entry!r}.')
+    references.append((float(entry['value']), entry['label']))
+  return references
+
+
+def draw_curves(ordered, rows, path: str, *, title: str,
+                references: Sequence[tuple[float, str]] = ()) -> str:
+  """Every row's reported top-1 against steps (mean over the seeds evaluated at a step),
+  and a dashed horizontal line at each (value, label) of `references`.
+
+  The legend goes under the axes, its long labels wrapped, and the picture
+  grows with it, so many rows with long labels never cover the curves.
+  """
   from sslj.viz import curves  # pylint: disable=g-import-not-at-top
-  fig = curves.new_figure((1000, 560))
-  ax = fig.subplots()
+  series = []
   for key, info in ordered:
     by_step = {}
     for run in rows[key]:
       for step, value in run.curve():
         by_step.setdefault(step, []).append(value)
-    if not by_step:
-      continue
-    steps = sorted(by_step)
-    ax.plot(steps, [np.mean(by_step[s]) for s in steps], marker='o', ms=3,
-            label=f"{info.get('label', key)} (n={len(rows[key])})")
+    if by_step:
+      steps = sorted(by_step)
+      series.append((steps, [np.mean(by_step[s]) for s in steps],
+                     f"{info.get('label', key)} (n={len(rows[key])})"))
+  labels = [label for _, _, label in series] + [f'{label} ({value:.2f})'
+                                                for value, label in references]
+  labels = ['\n'.join(textwrap.wrap(label, 130)) or label for label in labels]
+  legend_px = 16 * sum(label.count('\n') + 1 for label in labels) + 12
+  plot_px, top_px, bottom_px = 460, 40, 64  # axes; title; tick labels and the x label
+  height = plot_px + top_px + bottom_px + legend_px
+  fig = curves.new_figure((1000, height))
+  ax = fig.subplots()
+  for i, ((steps, means, _), label) in enumerate(zip(series, labels)):
+    # The colour cycle has 10 colours: the 11th row on takes another marker.
+    ax.plot(steps, means, marker='os^Dv'[i // 10 % 5], ms=3, label=label)
+  for i, ((value, _), label) in enumerate(zip(references, labels[len(series):])):
+    ax.axhline(value, color=('0.2', '0.55')[i % 2], linestyle=('--', '-.')[i % 2],
+               linewidth=1.2, label=label)
   ax.set(xlabel='step', ylabel='top-1 accuracy (%), test split', title=title)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc='lower right')
-  fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.92)
+  fig.subplots_adjust(left=0.08, right=0.98, bottom=(bottom_px + legend_px) / height,
+                      top=1 - top_px / height)
+  if labels:
+    fig.legend(loc='lower left', bbox_to_anchor=(0.08, 0.0), fontsize=8, frameon=False)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   curves.save_figure(fig, path)
   return os.path.basename(path)

@@ -211,3 +211,26 @@ def test_provenance_writes_a_module_run_as_python_dash_m(tmp_path):
   assert done.stdout.strip() == "python -m show_command '--runs=a b'"
   assert report._generic_command('python /x/sslj/sweep.py --seeds=1') == (
       'python -m sslj.sweep --seeds=1')
+
+
+def test_reference_lines_are_drawn_and_named_under_the_curves(table, tmp_path):
+  plain = report.report([str(table)], str(tmp_path / 'plain' / 'results.md'))
+  spec = json.loads((table / 'table.json').read_text())
+  spec['lines'] = [{'value': 71, 'label': 'the target'}]
+  _write(str(table / 'table.json'), spec)
+  lined = report.report([str(table)], str(tmp_path / 'lined' / 'results.md'))
+  assert 'Dashed: the target (71.00).' in lined.splitlines()
+  assert 'Dashed:' not in plain
+  from matplotlib import image  # pylint: disable=g-import-not-at-top
+  before = image.imread(str(tmp_path / 'plain' / 'images' / 'fm_curves.png'))
+  after = image.imread(str(tmp_path / 'lined' / 'images' / 'fm_curves.png'))
+  # Rows of the picture that are dark across a third of its width: the axes' top and bottom
+  # edges, and with the line drawn, the dashed line.
+  def long_dark_rows(picture):
+    return int(((picture[..., :3] < 0.45).all(axis=-1).mean(axis=1) > 0.3).sum())
+  assert long_dark_rows(after) > long_dark_rows(before)
+  assert after.shape[0] > before.shape[0]  # the legend's entry for the line
+  spec['lines'] = [{'value': 'high', 'label': 'the target'}]
+  _write(str(table / 'table.json'), spec)
+  with pytest.raises(UserError, match='each of "lines" needs a number "value"'):
+    report.report([str(table)], str(tmp_path / 'bad' / 'results.md'))
