@@ -209,8 +209,7 @@ def runs_table(folder: str, spec: dict, images_dir: str | None, name: str) -> li
                           title=spec.get('title', name), references=references)
     lines += [f'![{spec.get("title", name)}: top-1 against steps](images/{picture})', '']
     if references:
-      lines += ['Dashed: ' + '; '.join(f'{label} ({value:.2f})' for value, label in references)
-                + '.', '']
+      lines += ['Dashed: ' + '; '.join(_reference_text(*r) for r in references) + '.', '']
   lines += ['Commands:', '', *commands, '',
             *provenance_lines(all_runs)]
   return lines
@@ -227,6 +226,10 @@ def _reference_lines(spec, folder: str) -> list[tuple[float, str]]:
                       f'"label", e.g. {{"value": 81.11, "label": "the target"}}; got {entry!r}.')
     references.append((float(entry['value']), entry['label']))
   return references
+
+
+def _reference_text(value: float, label: str) -> str:
+  return f'{label} ({value:.2f})'
 
 
 def draw_curves(ordered, rows, path: str, *, title: str,
@@ -248,9 +251,8 @@ def draw_curves(ordered, rows, path: str, *, title: str,
       steps = sorted(by_step)
       series.append((steps, [np.mean(by_step[s]) for s in steps],
                      f"{info.get('label', key)} (n={len(rows[key])})"))
-  labels = [label for _, _, label in series] + [f'{label} ({value:.2f})'
-                                                for value, label in references]
-  labels = ['\n'.join(textwrap.wrap(label, 130)) or label for label in labels]
+  labels = [textwrap.fill(label, 130) for label in
+            [label for _, _, label in series] + [_reference_text(*r) for r in references]]
   legend_px = 16 * sum(label.count('\n') + 1 for label in labels) + 12
   plot_px, top_px, bottom_px = 460, 40, 64  # axes; title; tick labels and the x label
   height = plot_px + top_px + bottom_px + legend_px
